@@ -1,0 +1,250 @@
+"""Alphabets (quantization grids), step sizes and rounding.
+
+Every alphabet here is a uniform grid: the value of integer code ``k`` is
+``delta * (k + offset)`` with ``k`` in ``[kmin, kmax]`` and ``offset`` in {0, 0.5}.
+
+==========  ===========================================  =======  ==================
+grid        codes (b bits)                               offset   default step rule
+==========  ===========================================  =======  ==================
+"int"       -(2^(b-1)-1) .. 2^(b-1)-1  (2^b - 1 levels)  0        "max"  per channel
+"int_full"  -2^(b-1) .. 2^(b-1)-1      (2^b levels)      0        "max"  per channel
+"zzs"       -2^(b-1) .. 2^(b-1)        (2^b + 1 levels)  0        "mean_max" per layer
+"ls"        -2^(b-1) .. 2^(b-1)-1      (2^b levels)      0.5      "median" per layer
+==========  ===========================================  =======  ==================
+
+``bits="ternary"`` (or ``log2(3)``) selects codes {-1, 0, 1} on every grid.
+
+The "ls" grid is the JMLR paper's ``linspace(-1, 1, 2^b) * alpha`` (no zero level): its step is
+``2 alpha / (2^b - 1)`` and its levels are ``step * (k + 1/2)``. The "zzs" grid is the SIMODS
+paper's {-K..K} * delta with K = 2^(b-1); it has 2^b + 1 levels and needs b + 1 bits to store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GRIDS = ("int", "int_full", "zzs", "ls")
+SCALE_RULES = ("max", "mean_max", "median", "search")
+ROUNDINGS = ("nearest", "stochastic")
+SPARSITIES = (None, "l1", "l0")
+_DEFAULT_RULE = {"int": "max", "int_full": "max", "zzs": "mean_max", "ls": "median"}
+_DEFAULT_PER_CHANNEL = {"int": True, "int_full": True, "zzs": False, "ls": False}
+# Multipliers of ``c`` tried by ``scale="search"``: a geometric grid, ratio 2^(1/4) (steps of
+# about 19%), from 1/4 to 4 times the rule's base step. GPFQ's best constant ranges from about
+# 0.5x the absmax step (low bits, heavy-tailed weights) to 3x the median (ternary, JMLR paper),
+# and the layer's output error changes little within 19% of its minimum.
+DEFAULT_SEARCH_GRID = tuple(float(2.0 ** (e / 4)) for e in range(-8, 9))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to.
+
+    Attributes:
+      bits: 2..8, or "ternary" (equivalently ``math.log2(3)``) for {-1, 0, 1}.
+      grid: "int" (default), "int_full", "zzs" or "ls" (see the module docstring).
+      scale: step-size rule: "max" (absmax), "mean_max" (mean over neurons of each neuron's
+        absmax), "median" (median |w|), or "search" (the grid's default rule, with ``c``
+        chosen from ``search_grid * c`` to minimise the layer's output error). ``None`` means
+        the grid's default rule.
+      c: multiplier of the rule's base step (the papers' constant).
+      per_channel: one step per output channel (True) or per layer (False). ``None`` means the
+        grid's default (True for int grids, False for the papers' grids).
+      rounding: "nearest" or "stochastic" (SPFQ-style unbiased rounding; needs a PRNG key).
+      sparsity: None, "l1" (soft threshold) or "l0" (hard threshold) of the GPFQ argument's
+        numerator by ``lam`` (Zhang, Zhou & Saab 2023, sec. 5).
+      lam: the sparsity threshold (>= 0), in units of the numerator <X~_t, u + w_t X_t>.
+      search_grid: multipliers of ``c`` tried when ``scale="search"``.
+    """
+
+    bits: int | float | str = 4
+    grid: str = "int"
+    scale: str | None = None
+    c: float = 1.0
+    per_channel: bool | None = None
+    rounding: str = "nearest"
+    sparsity: str | None = None
+    lam: float = 0.0
+    search_grid: tuple[float, ...] = DEFAULT_SEARCH_GRID
+
+    def __post_init__(self):
+        bits = self.bits
+        if isinstance(bits, str):
+            if bits != "ternary":
+                raise ValueError(f"bits must be an integer in 2..8 or 'ternary', got {bits!r}")
+        elif isinstance(bits, float) and math.isclose(bits, math.log2(3)):
+            object.__setattr__(self, "bits", "ternary")
+        elif isinstance(bits, bool) or not float(bits).is_integer() or not 2 <= int(bits) <= 8:
+            raise ValueError(f"bits must be an integer in 2..8 or 'ternary', got {bits!r}")
+        else:
+            object.__setattr__(self, "bits", int(bits))
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; expected one of {GRIDS}")
+        if self.scale is not None and self.scale not in SCALE_RULES:
+            raise ValueError(f"unknown scale rule {self.scale!r}; expected one of {SCALE_RULES}")
+        if not (math.isfinite(self.c) and self.c > 0):
+            raise ValueError(f"c must be a positive finite number, got {self.c!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; expected one of {ROUNDINGS}")
+        if self.sparsity not in SPARSITIES:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; expected one of {SPARSITIES}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
+        object.__setattr__(self, "search_grid", tuple(float(g) for g in self.search_grid))
+        if not self.search_grid or min(self.search_grid) <= 0:
+            raise ValueError("search_grid must be a non-empty sequence of positive multipliers")
+
+    @property
+    def alphabet(self) -> "Alphabet":
+        return make_alphabet(self.bits, self.grid)
+
+    @property
+    def step_rule(self) -> str:
+        """The base step rule ("search" searches around the grid's default rule)."""
+        if self.scale in (None, "search"):
+            return _DEFAULT_RULE[self.grid]
+        return self.scale
+
+    @property
+    def channelwise(self) -> bool:
+        return _DEFAULT_PER_CHANNEL[self.grid] if self.per_channel is None else self.per_channel
+
+
+@dataclasses.dataclass(frozen=True)
+class Alphabet:
+    """A uniform grid ``delta * (k + offset)``, ``kmin <= k <= kmax``.
+
+    ``denominator``: the rule's base value (e.g. absmax) divided by ``denominator`` gives the
+    step, so that with c = 1 the grid's top level sits at (or, for "int_full", just above)
+    the base value.
+    """
+
+    kmin: int
+    kmax: int
+    offset: float
+    denominator: float
+
+    @property
+    def levels(self) -> int:
+        return self.kmax - self.kmin + 1
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits needed to store one code (honest: 2^b + 1 levels need b + 1 bits)."""
+        return max(1, math.ceil(math.log2(self.levels)))
+
+    def values(self, delta: float = 1.0) -> np.ndarray:
+        """All levels for step ``delta``, ascending."""
+        return delta * (np.arange(self.kmin, self.kmax + 1) + self.offset)
+
+
+def make_alphabet(bits: int | str, grid: str) -> Alphabet:
+    """The integer code range and offset of ``grid`` at ``bits``."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+    if bits == "ternary":
+        return Alphabet(-1, 1, 0.0, 1.0)
+    half = 2 ** (int(bits) - 1)
+    if grid == "int":
+        return Alphabet(-(half - 1), half - 1, 0.0, float(half - 1))
+    if grid == "int_full":
+        return Alphabet(-half, half - 1, 0.0, half - 0.5)
+    if grid == "zzs":
+        return Alphabet(-half, half, 0.0, float(half))
+    return Alphabet(-half, half - 1, 0.5, half - 0.5)  # "ls"
+
+
+def base_scale(w: jax.Array, rule: str, per_channel: bool) -> jax.Array:
+    """The rule's base value of a weight matrix ``w`` (N_in, N_out): shape (N_out,).
+
+    A per-layer value is broadcast to every channel. "mean_max" per channel equals "max".
+    """
+    a = jnp.abs(w)
+    if rule == "max":
+        v = a.max(axis=0) if per_channel else jnp.full(w.shape[1:], a.max())
+    elif rule == "mean_max":
+        v = a.max(axis=0) if per_channel else jnp.full(w.shape[1:], a.max(axis=0).mean())
+    elif rule == "median":
+        v = jnp.median(a, axis=0) if per_channel else jnp.full(w.shape[1:], jnp.median(a))
+    else:
+        raise ValueError(f"unknown step rule {rule!r}; expected max, mean_max or median")
+    # An all-zero channel gets step 1 so that codes stay finite (its codes are then 0, or the
+    # smallest level of the "ls" grid, which has no zero).
+    return jnp.where(v > 0, v, 1.0).astype(w.dtype)
+
+
+def step_size(w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None) -> jax.Array:
+    """The step ``delta`` (N_out,) of ``spec`` for weights ``w`` (N_in, N_out)."""
+    c = spec.c if c is None else c
+    return c * base_scale(w, spec.step_rule, spec.channelwise) / spec.alphabet.denominator
+
+
+def round_to_codes(x: jax.Array, delta: jax.Array, alphabet: Alphabet,
+                   uniform: jax.Array | None = None) -> jax.Array:
+    """Integer codes (as floats) of the levels nearest to ``x``.
+
+    ``delta`` broadcasts against ``x``. With ``uniform`` (same shape as ``x``, in [0, 1)) the
+    rounding is stochastic and unbiased inside the grid's range: ``x`` between two levels goes
+    up with probability equal to its fractional position.
+    """
+    t = x / delta - alphabet.offset
+    if uniform is None:
+        k = jnp.round(t)
+    else:
+        t = jnp.clip(t, alphabet.kmin, alphabet.kmax)
+        lo = jnp.floor(t)
+        k = lo + (uniform < (t - lo)).astype(t.dtype)
+    return jnp.clip(k, alphabet.kmin, alphabet.kmax)
+
+
+def codes_to_values(codes: jax.Array, delta: jax.Array, alphabet: Alphabet) -> jax.Array:
+    """Dequantize: ``delta * (codes + offset)``."""
+    return delta * (codes + alphabet.offset)
+
+
+def quantize_values(x: jax.Array, delta: jax.Array, alphabet: Alphabet,
+                    uniform: jax.Array | None = None) -> jax.Array:
+    """``Q_A(x)``: the nearest (or stochastically rounded) level."""
+    return codes_to_values(round_to_codes(x, delta, alphabet, uniform), delta, alphabet)
+
+
+def smallest_int_dtype(alphabet: Alphabet) -> np.dtype:
+    """The smallest signed integer dtype holding every code (int4 is storage-only on CPU)."""
+    if alphabet.kmin >= -8 and alphabet.kmax <= 7:
+        return jnp.dtype(jnp.int4)
+    if alphabet.kmin >= -128 and alphabet.kmax <= 127:
+        return np.dtype(np.int8)
+    return np.dtype(np.int16)
+
+
+def describe(spec: QuantSpec) -> dict:
+    """A JSON-friendly summary: grid, bits, levels and storage bits."""
+    a = spec.alphabet
+    return {"bits": spec.bits, "grid": spec.grid, "scale": spec.scale or spec.step_rule,
+            "c": spec.c, "per_channel": spec.channelwise, "levels": a.levels,
+            "storage_bits": a.storage_bits, "rounding": spec.rounding,
+            "sparsity": spec.sparsity, "lam": spec.lam}
+
+
+def as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
+    """Accept a QuantSpec, a dict of its fields, or None (the default spec)."""
+    if spec is None:
+        return QuantSpec()
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        return QuantSpec(**spec)
+    raise TypeError(f"spec must be a QuantSpec or a dict, got {type(spec).__name__}")
+
+
+__all__: Sequence[str] = (
+    "QuantSpec", "Alphabet", "make_alphabet", "base_scale", "step_size", "round_to_codes",
+    "codes_to_values", "quantize_values", "smallest_int_dtype", "describe", "as_spec",
+    "GRIDS", "SCALE_RULES", "DEFAULT_SEARCH_GRID",
+)

@@ -1,0 +1,75 @@
+"""Baselines on the same alphabets and statistics: round-to-nearest (RTN) and GPTQ.
+
+GPTQ follows Frantar et al. 2022 (and their reference code): H = X~^T X~ with dead inputs
+(H_ii = 0) given H_ii = 1 and weight 0, damping ``damp * mean(diag H)``, optional act-order
+(features in decreasing diag(H)), the upper Cholesky factor U of H^{-1}, and blocked lazy
+updates: inside a block of columns rank-1 updates, across blocks one matrix product.
+Weights are (N, N_out) in Flax layout, so GPTQ's "columns" are our rows (input features).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gpfq_jax.alphabets import Alphabet, codes_to_values, round_to_codes
+from gpfq_jax.gpfq import default_block_size
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def rtn_codes(w: jax.Array, delta: jax.Array, alphabet: Alphabet,
+              uniform: jax.Array | None = None) -> jax.Array:
+    """Round each weight to the nearest level (stochastically with ``uniform``): (N, N_out)."""
+    return round_to_codes(w, delta, alphabet, uniform)
+
+
+def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
+    """Damped H, weights with dead inputs zeroed, and the upper Cholesky factor of H^{-1}."""
+    n = hess.shape[0]
+    diag = jnp.diagonal(hess)
+    dead = diag == 0
+    h = hess + jnp.diag(dead.astype(hess.dtype))
+    w = jnp.where(dead[:, None], 0.0, w)
+    h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(n, dtype=h.dtype)
+    lower = jnp.linalg.cholesky(h)
+    eye = jnp.eye(n, dtype=h.dtype)
+    linv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    hinv = jnp.dot(linv.T, linv, precision=HIGHEST)           # H^{-1}
+    upper = jnp.linalg.cholesky(hinv).T                         # H^{-1} = U^T U
+    return w, upper
+
+
+@functools.partial(jax.jit, static_argnames=("alphabet", "block_size", "act_order"))
+def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphabet, *,
+               damp: float = 0.01, block_size: int | None = None,
+               act_order: bool = False) -> jax.Array:
+    """GPTQ codes (N, N_out) for weights ``w`` (N, N_out) and H = X~^T X~ (N, N)."""
+    n = w.shape[0]
+    perm = jnp.argsort(-jnp.diagonal(hess)) if act_order else jnp.arange(n)
+    w, upper = gptq_prepare(hess[perm][:, perm], w[perm], damp)
+    bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
+    codes = []
+    for s in range(0, n, bs):
+        e = min(s + bs, n)
+        u_bb = upper[s:e, s:e]
+
+        def step(w_blk, inp, u_bb=u_bb):
+            i, u_row = inp
+            w_i = w_blk[i]
+            k = round_to_codes(w_i, delta, alphabet)
+            err = (w_i - codes_to_values(k, delta, alphabet)) / u_bb[i, i]
+            # U is upper triangular: u_row[j] = 0 for j < i, so earlier rows stay as they were.
+            return w_blk - u_row[:, None] * err[None, :], (k, err)
+
+        _, (k_blk, err_blk) = jax.lax.scan(step, w[s:e], (jnp.arange(e - s), u_bb))
+        codes.append(k_blk)
+        if e < n:
+            w = w.at[e:].add(-jnp.dot(upper[s:e, e:].T, err_blk, precision=HIGHEST))
+    codes = jnp.concatenate(codes, axis=0)
+    return codes[jnp.argsort(perm)]
+
+
+__all__ = ["rtn_codes", "gptq_codes", "gptq_prepare"]

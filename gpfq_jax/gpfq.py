@@ -1,0 +1,134 @@
+"""The GPFQ recurrence: the data-form reference and the blocked Gram-form fast path.
+
+Notation (DESIGN.md sec. 1): weights ``w`` (N, N_out) in Flax layout (column j = neuron j),
+float-model inputs ``x`` (m, N), partially-quantized-model inputs ``x_quant`` (m, N).
+For every neuron, for t = 1..N:
+
+    q_t = Q_A( <X~_t, u_{t-1} + w_t X_t> / ||X~_t||^2 ),   u_t = u_{t-1} + w_t X_t - q_t X~_t
+
+with argument 0 where ||X~_t|| = 0. Both forms return integer codes (as floats, shape of
+``w``); values are ``delta * (codes + offset)``. ``delta`` is (N_out,).
+
+Variants: stochastic rounding (``uniform``, an (N, N_out) array of U[0,1) draws shared by
+both forms so that they agree code for code) and L1 / L0 thresholding of the numerator
+<X~_t, u_{t-1} + w_t X_t> by ``lam``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gpfq_jax.alphabets import Alphabet, codes_to_values, round_to_codes
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def threshold(num: jax.Array, sparsity: str | None, lam: float | jax.Array) -> jax.Array:
+    """L1 soft (``"l1"``) or L0 hard (``"l0"``) threshold of the numerator; identity if None."""
+    if sparsity is None:
+        return num
+    if sparsity == "l1":
+        return jnp.sign(num) * jnp.maximum(jnp.abs(num) - lam, 0.0)
+    if sparsity == "l0":
+        return jnp.where(jnp.abs(num) > lam, num, 0.0)
+    raise ValueError(f"unknown sparsity {sparsity!r}; expected None, 'l1' or 'l0'")
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, and 0 where den == 0 (a zero input column)."""
+    pos = den > 0
+    return jnp.where(pos, num / jnp.where(pos, den, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("alphabet", "sparsity"))
+def gpfq_data_form(w: jax.Array, x: jax.Array, x_quant: jax.Array, delta: jax.Array,
+                   alphabet: Alphabet, *, sparsity: str | None = None,
+                   lam: float | jax.Array = 0.0,
+                   uniform: jax.Array | None = None) -> jax.Array:
+    """Reference GPFQ exactly as written: ``lax.scan`` over features, ``vmap`` over neurons.
+
+    Args:
+      w: (N, N_out) weights. x, x_quant: (m, N) inputs. delta: (N_out,) steps.
+      uniform: optional (N, N_out) U[0,1) draws for stochastic rounding.
+    Returns: (N, N_out) integer codes (float dtype). Memory and time are O(m N N_out).
+    """
+    xt, xqt = x.T, x_quant.T
+    norms = jnp.einsum("tm,tm->t", xqt, xqt, precision=HIGHEST)
+    stochastic = uniform is not None
+    rand = uniform if stochastic else jnp.zeros_like(w)
+
+    def neuron(w_col, d, r_col):
+        def step(u, inp):
+            w_t, x_t, xq_t, n_t, r_t = inp
+            v = u + w_t * x_t
+            num = threshold(jnp.dot(xq_t, v, precision=HIGHEST), sparsity, lam)
+            k = round_to_codes(_safe_ratio(num, n_t), d, alphabet,
+                               r_t if stochastic else None)
+            return v - codes_to_values(k, d, alphabet) * xq_t, k
+
+        _, codes = jax.lax.scan(step, jnp.zeros(x.shape[0], x.dtype),
+                                (w_col, xt, xqt, norms, r_col))
+        return codes
+
+    return jax.vmap(neuron, in_axes=(1, 0, 1), out_axes=1)(w, delta, rand)
+
+
+def default_block_size(n: int) -> int:
+    """About 16 column blocks, each a multiple of 32 columns, at least 128 (at most N)."""
+    per_block = -(-n // 16)
+    return max(1, min(n, max(128, -(-per_block // 32) * 32)))
+
+
+@functools.partial(jax.jit, static_argnames=("alphabet", "block_size", "sparsity"))
+def gpfq_gram_form(w: jax.Array, hess: jax.Array, cross: jax.Array, delta: jax.Array,
+                   alphabet: Alphabet, *, block_size: int | None = None,
+                   sparsity: str | None = None, lam: float | jax.Array = 0.0,
+                   uniform: jax.Array | None = None) -> jax.Array:
+    """GPFQ from the statistics H = X~^T X~ (``hess``) and G = X~^T X (``cross``), both (N, N).
+
+    q_t = Q_A((sum_{j<=t} G_tj w_j - sum_{j<t} H_tj q_j) / H_tt), evaluated in column blocks
+    of ``block_size``: for block [s, e) the contribution of every earlier column is one
+    product ``[G[s:e, :s], -H[s:e, :s]] @ [W[:s]; Q[:s]]`` (left-looking, so the total work is
+    the lower triangle only, N^2 N_out multiply-adds); inside a block a ``lax.scan`` over its
+    columns adds the within-block terms. Blocks are unrolled at trace time (about 16 by
+    default); there is no Python loop over features or neurons.
+
+    Args as ``gpfq_data_form`` with ``hess``, ``cross`` in place of the data.
+    Returns: (N, N_out) integer codes (float dtype).
+    """
+    n, n_out = w.shape
+    bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
+    diag = jnp.diagonal(hess)
+    stochastic = uniform is not None
+    codes = jnp.zeros_like(w)
+    values = jnp.zeros_like(w)
+    for s in range(0, n, bs):
+        e = min(s + bs, n)
+        g_bb, h_bb = cross[s:e, s:e], hess[s:e, s:e]
+        w_blk = w[s:e]
+        pre = jnp.dot(jnp.tril(g_bb), w_blk, precision=HIGHEST)
+        if s > 0:
+            pre += jnp.dot(cross[s:e, :s], w[:s], precision=HIGHEST)
+            pre -= jnp.dot(hess[s:e, :s], values[:s], precision=HIGHEST)
+        rand = uniform[s:e] if stochastic else jnp.zeros_like(w_blk)
+
+        def step(q_blk, inp, h_bb=h_bb):
+            i, pre_i, h_row, d_i, r_i = inp
+            num = pre_i - jnp.dot(h_row, q_blk, precision=HIGHEST)  # q_blk rows >= i are 0
+            num = threshold(num, sparsity, lam)
+            k = round_to_codes(_safe_ratio(num, d_i), delta, alphabet,
+                               r_i if stochastic else None)
+            return q_blk.at[i].set(codes_to_values(k, delta, alphabet)), k
+
+        q_blk, k_blk = jax.lax.scan(
+            step, jnp.zeros_like(w_blk),
+            (jnp.arange(e - s), pre, h_bb, diag[s:e], rand))
+        codes = codes.at[s:e].set(k_blk)
+        values = values.at[s:e].set(q_blk)
+    return codes
+
+
+__all__ = ["gpfq_data_form", "gpfq_gram_form", "threshold", "default_block_size"]

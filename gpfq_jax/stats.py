@@ -1,0 +1,232 @@
+"""Streaming layer statistics: H = X~^T X~, G = X~^T X, F = X^T X over calibration batches.
+
+A layer is ``g`` independent matrix problems (``g`` = feature_group_count; 1 for Dense), each
+with N input features. Rows of X are the layer's inputs: one row per sample for Dense (any
+leading batch dimensions are flattened), one row per output position for Conv (the patches
+at the layer's real stride, padding and dilation). Patch features are ordered like the
+kernel's reshape, (kh, kw, cin_per_group), so ``patches @ kernel.reshape(-1, cout)`` is the
+conv output.
+
+Memory is O(g N^2) whatever the number of rows. Accumulation runs in the statistics' dtype
+(float32 by default: each batch's products at HIGHEST precision, then a running sum; pass
+``dtype=jnp.float64`` with ``jax_enable_x64`` for float64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LayerStats(NamedTuple):
+    """Second-moment statistics of one layer's inputs.
+
+    hess: (g, N, N) H = X~^T X~.  cross: (g, N, N) G = X~^T X.  gram: (g, N, N) F = X^T X.
+    count: number of rows accumulated (samples for Dense, patches for Conv).
+    """
+
+    hess: jax.Array
+    cross: jax.Array
+    gram: jax.Array
+    count: jax.Array
+
+    @property
+    def groups(self) -> int:
+        return self.hess.shape[0]
+
+    @property
+    def features(self) -> int:
+        return self.hess.shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """How a Conv layer turns NHWC inputs into patch rows (all spatial tuples, explicit).
+
+    kernel_size: spatial kernel shape (kh, kw) (any number of spatial dims).
+    in_features: input channels (cin, all groups). padding: ((lo, hi), ...) per spatial dim.
+    """
+
+    kernel_size: tuple[int, ...]
+    in_features: int
+    strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+    feature_group_count: int = 1
+
+    @classmethod
+    def create(cls, kernel_shape, strides=1, padding="SAME", input_dilation=1,
+               kernel_dilation=1, feature_group_count=1, input_shape=None) -> "ConvGeometry":
+        """From a Flax kernel shape (kh, kw, cin/groups, cout) and Flax-style arguments.
+
+        ``padding`` may be "SAME", "VALID", an int, or explicit pairs; "SAME" needs
+        ``input_shape`` (NHWC) to resolve.
+        """
+        nd = len(kernel_shape) - 2
+        tup = lambda v: (int(v),) * nd if np.isscalar(v) else tuple(int(a) for a in v)  # noqa: E731
+        ksize, strides = tuple(kernel_shape[:nd]), tup(strides)
+        lhs_d, rhs_d = tup(input_dilation), tup(kernel_dilation)
+        if isinstance(padding, str):
+            if padding not in ("SAME", "VALID"):
+                raise NotImplementedError(f"padding {padding!r} is not supported (SAME, VALID, "
+                                          "ints or explicit pairs are)")
+            if padding == "VALID":
+                pads = ((0, 0),) * nd
+            else:
+                if input_shape is None:
+                    raise ValueError("padding='SAME' needs input_shape to resolve")
+                in_sp = [(s - 1) * d + 1 for s, d in zip(input_shape[1:-1], lhs_d)]
+                eff_k = [(k - 1) * d + 1 for k, d in zip(ksize, rhs_d)]
+                pads = jax.lax.padtype_to_pads(in_sp, eff_k, strides, "SAME")
+        elif np.isscalar(padding):
+            pads = ((int(padding), int(padding)),) * nd
+        else:
+            pads = tuple((int(p), int(p)) if np.isscalar(p) else (int(p[0]), int(p[1]))
+                         for p in padding)
+        return cls(ksize, int(kernel_shape[-2]) * int(feature_group_count), strides,
+                   tuple(tuple(p) for p in pads), lhs_d, rhs_d, int(feature_group_count))
+
+    @property
+    def features_per_group(self) -> int:
+        return int(np.prod(self.kernel_size)) * self.in_features // self.feature_group_count
+
+
+def init_stats(features: int, groups: int = 1, dtype=jnp.float32) -> LayerStats:
+    """Zero statistics for ``groups`` problems of ``features`` inputs each."""
+    z = jnp.zeros((groups, features, features), dtype)
+    return LayerStats(z, z, z, jnp.zeros((), jnp.int32))
+
+
+def dense_rows(x: jax.Array) -> jax.Array:
+    """Dense inputs (..., N) -> rows (m, 1, N)."""
+    return x.reshape(-1, 1, x.shape[-1])
+
+
+def conv_rows(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """Conv inputs (n, *spatial, cin) -> patch rows (m, g, kh*kw*cin/g), kernel order.
+
+    m = n * number of output positions. Uses ``jax.lax.conv_general_dilated_patches``, whose
+    features come channel-major (cin, kh, kw); they are reordered to (kh, kw, cin) per group.
+    """
+    nd = len(geometry.kernel_size)
+    if x.ndim != nd + 2 or x.shape[-1] != geometry.in_features:
+        raise ValueError(f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
+                         f"got shape {tuple(x.shape)}")
+    spatial = "HWD"[:nd] if nd <= 3 else None
+    lhs = "N" + spatial + "C"
+    patches = jax.lax.conv_general_dilated_patches(
+        x, geometry.kernel_size, geometry.strides, geometry.padding,
+        lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
+        dimension_numbers=(lhs, "OI" + spatial, lhs), precision=HIGHEST)
+    g = geometry.feature_group_count
+    k = int(np.prod(geometry.kernel_size))
+    p = patches.reshape(-1, g, geometry.in_features // g, k)
+    return jnp.swapaxes(p, -1, -2).reshape(p.shape[0], g, -1)
+
+
+def subsample_rows(rows: jax.Array, fraction: float, key: jax.Array) -> jax.Array:
+    """Keep ``round(fraction * m)`` (at least 1) rows drawn without replacement with ``key``."""
+    m = rows.shape[0]
+    keep = max(1, int(round(fraction * m)))
+    if keep >= m:
+        return rows
+    idx = jax.random.choice(key, m, (keep,), replace=False)
+    return rows[idx]
+
+
+@jax.jit
+def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array) -> LayerStats:
+    """Add a batch of rows (m, g, N) of the float and quantized inputs to ``stats``."""
+    dt = stats.hess.dtype
+    r, rq = rows.astype(dt), rows_quant.astype(dt)
+    prod = functools.partial(jnp.einsum, "mgi,mgj->gij", precision=HIGHEST)
+    return LayerStats(stats.hess + prod(rq, rq), stats.cross + prod(rq, r),
+                      stats.gram + prod(r, r), stats.count + rows.shape[0])
+
+
+def stats_from_data(x: jax.Array, x_quant: jax.Array | None = None,
+                    dtype=jnp.float32) -> LayerStats:
+    """Statistics of one Dense problem from whole data matrices x, x_quant (m, N)."""
+    xq = x if x_quant is None else x_quant
+    return accumulate(init_stats(x.shape[-1], 1, dtype), dense_rows(x), dense_rows(xq))
+
+
+class StatsAccumulator:
+    """Accumulates a layer's statistics over calibration batches.
+
+    ``geometry=None`` means a Dense layer (inputs (..., N)); a ``ConvGeometry`` means a Conv
+    layer (NHWC inputs, patch rows). ``patch_fraction < 1`` keeps a seeded random subset of
+    each batch's rows (the SIMODS code kept 25% of conv patches); the same rows are kept for
+    the float and the quantized inputs.
+    """
+
+    def __init__(self, features: int, geometry: ConvGeometry | None = None,
+                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0):
+        if not 0 < patch_fraction <= 1:
+            raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+        self.geometry = geometry
+        groups = 1 if geometry is None else geometry.feature_group_count
+        self.stats = init_stats(features, groups, dtype)
+        self.patch_fraction = patch_fraction
+        self._key = jax.random.PRNGKey(seed)
+        self._batches = 0
+
+    def rows(self, x: jax.Array) -> jax.Array:
+        if self.geometry is None:
+            if x.shape[-1] != self.stats.features:
+                raise ValueError(f"Dense input has {x.shape[-1]} features, layer expects "
+                                 f"{self.stats.features}")
+            return dense_rows(x)
+        return conv_rows(x, self.geometry)
+
+    def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> "StatsAccumulator":
+        """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
+        xq = x if x_quant is None else x_quant
+        if tuple(x.shape) != tuple(xq.shape):
+            raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
+        r, rq = self.rows(x), self.rows(xq)
+        if self.patch_fraction < 1:
+            key = jax.random.fold_in(self._key, self._batches)
+            both = subsample_rows(jnp.stack([r, rq], 1), self.patch_fraction, key)
+            r, rq = both[:, 0], both[:, 1]
+        self.stats = accumulate(self.stats, r, rq)
+        self._batches += 1
+        return self
+
+    def result(self) -> LayerStats:
+        return self.stats
+
+
+def _colwise_quadratic(a: jax.Array, m: jax.Array, b: jax.Array) -> jax.Array:
+    """Per column j: a[:, j]^T m b[:, j] for (g, N, n) a, b and (g, N, N) m -> (g, n)."""
+    mb = jnp.einsum("gij,gjn->gin", m, b, precision=HIGHEST)
+    return jnp.einsum("gin,gin->gn", a, mb, precision=HIGHEST)
+
+
+@jax.jit
+def output_error_sq(stats: LayerStats, w: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-neuron ||X w_j - X~ q_j||^2 and ||X w_j||^2 from the statistics.
+
+    w, q: (g, N, n) grouped weights and dequantized weights. Returns two (g, n) arrays.
+    With D = W - Q: ||XW - X~Q||^2 = W^T(F - G - G^T + H)W + 2 D^T(G - H)W + D^T H D,
+    which keeps the dominant D^T H D term free of cancellation.
+    """
+    h, g_, f = stats.hess, stats.cross, stats.gram
+    w, q = w.astype(h.dtype), q.astype(h.dtype)
+    d = w - q
+    shift = f - g_ - jnp.swapaxes(g_, -1, -2) + h
+    err = (_colwise_quadratic(w, shift, w) + 2 * _colwise_quadratic(d, g_ - h, w)
+           + _colwise_quadratic(d, h, d))
+    return jnp.maximum(err, 0.0), _colwise_quadratic(w, f, w)
+
+
+__all__ = ["LayerStats", "ConvGeometry", "StatsAccumulator", "init_stats", "dense_rows",
+           "conv_rows", "subsample_rows", "accumulate", "stats_from_data", "output_error_sq"]
