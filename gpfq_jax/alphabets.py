@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ class QuantSpec:
             raise ValueError("search_grid must be a non-empty sequence of positive multipliers")
 
     @property
-    def alphabet(self) -> "Alphabet":
+    def alphabet(self) -> Alphabet:
         return make_alphabet(self.bits, self.grid)
 
     @property

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.alphabets import (QuantSpec, as_spec, codes_to_values, describe, step_size)
+from gpfq_jax.alphabets import QuantSpec, as_spec, codes_to_values, describe, step_size
 from gpfq_jax.baselines import gptq_codes, rtn_codes
 from gpfq_jax.gpfq import gpfq_gram_form
 from gpfq_jax.stats import LayerStats, output_error_sq, stats_from_data

@@ -64,7 +64,7 @@ class ConvGeometry:
 
     @classmethod
     def create(cls, kernel_shape, strides=1, padding="SAME", input_dilation=1,
-               kernel_dilation=1, feature_group_count=1, input_shape=None) -> "ConvGeometry":
+               kernel_dilation=1, feature_group_count=1, input_shape=None) -> ConvGeometry:
         """From a Flax kernel shape (kh, kw, cin/groups, cout) and Flax-style arguments.
 
         ``padding`` may be "SAME", "VALID", an int, or explicit pairs; "SAME" needs
@@ -187,7 +187,7 @@ class StatsAccumulator:
             return dense_rows(x)
         return conv_rows(x, self.geometry)
 
-    def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> "StatsAccumulator":
+    def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> StatsAccumulator:
         """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
         xq = x if x_quant is None else x_quant
         if tuple(x.shape) != tuple(xq.shape):
