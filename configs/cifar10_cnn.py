@@ -1,0 +1,42 @@
+"""CIFAR-10 (JPEG q75 copy), the JMLR CNN: conv 32-32-64-64-128-128, dense 128, BN, dropout.
+
+python train.py --config=configs/cifar10_cnn.py --workdir=workdirs/cifar10_cnn
+Epoch count sized for ~30 minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.dataset = "cifar10"  # "cifar10_exact" for the 4000/1000 exact subset
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None -> $GPFQ_DATA_DIR
+    c.model = ml_collections.ConfigDict(
+        {
+            "name": "cifar_cnn",
+            "kwargs": {"widths": (32, 64, 128), "dropout": (0.2, 0.3, 0.4), "dense": 128},
+        }
+    )
+    c.seed = 0
+    c.batch_size = 128
+    c.eval_batch_size = 1000
+    c.num_epochs = 12
+    c.optimizer = "sgd"  # "adamw" | "sgd"
+    c.learning_rate = 0.05
+    c.momentum = 0.9  # sgd only
+    c.weight_decay = 5e-4
+    c.warmup_epochs = 1.0
+    c.augment = True  # random crop (4 px) + horizontal flip
+    c.val_size = 5000
+    c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
+    c.checkpoints_to_keep = 3
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.calib_size = 5000
+    c.quant.calib_batch_size = 500
+    c.quant.methods = ("gpfq", "rtn", "gptq")
+    c.quant.bits = ("ternary", 2, 3, 4)
+    c.quant.grids = ("int",)
+    c.quant.scale = "search"
+    c.quant.per_channel = True
+    return c
