@@ -19,6 +19,7 @@ import numpy as np
 from gpfq_jax.alphabets import QuantSpec, as_spec, codes_to_values, describe, step_size
 from gpfq_jax.baselines import gptq_codes, rtn_codes
 from gpfq_jax.gpfq import gpfq_gram_form
+from gpfq_jax.sharding import replicate, resolve_mesh, shard_along
 from gpfq_jax.stats import LayerStats, output_error_sq, stats_from_data
 
 METHODS = ("gpfq", "rtn", "gptq")
@@ -105,7 +106,7 @@ def _method_codes(method: str, w_g, stats: LayerStats, delta_g, spec: QuantSpec,
 def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | dict | None = None,
                         method: str = "gpfq", *, key: jax.Array | None = None,
                         block_size: int | None = None, damp: float = 0.01,
-                        act_order: bool = False) -> LayerResult:
+                        act_order: bool = False, mesh=None) -> LayerResult:
     """Quantize a Dense or Conv kernel from its layer's accumulated statistics.
 
     Args:
@@ -115,6 +116,8 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
       key: PRNG key, required for ``spec.rounding == "stochastic"``.
       block_size: column block of the Gram-form / GPTQ lazy updates (None: about N/32).
       damp, act_order: GPTQ's damping fraction and act-order.
+      mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
+        "auto" (all local devices) or None. The codes do not depend on the device count.
     """
     spec = as_spec(spec)
     if method not in METHODS:
@@ -142,16 +145,25 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
     uniform = None
     if spec.rounding == "stochastic":
         uniform = jax.random.uniform(key, w_g.shape, dtype)
+    mesh = resolve_mesh(mesh)
+    n_cols = w_g.shape[-1]
+    if mesh is not None:  # neurons across devices, statistics replicated
+        w_g = shard_along(w_g, mesh, -1)
+        uniform = None if uniform is None else shard_along(uniform, mesh, -1)
+        stats = replicate(stats, mesh)
     multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
     best = None
     for mult in multipliers:
         c = spec.c * mult
         delta = step_size(mat, spec, c)                       # (cout,)
         delta_g = delta.reshape(g, -1)
+        if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
+            delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
         codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, damp,
                               act_order)
         q_g = codes_to_values(codes, delta_g[:, None, :], spec.alphabet)
         err, ref = output_error_sq(stats, w_g, q_g)          # (g, n)
+        codes, err, ref = codes[..., :n_cols], err[..., :n_cols], ref[..., :n_cols]
         cand = (codes, err, jnp.full(err.shape, c, dtype))
         if best is None:
             best = cand

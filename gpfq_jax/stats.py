@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpfq_jax.sharding import replicate, resolve_mesh, shard_along
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -165,11 +167,12 @@ class StatsAccumulator:
     ``geometry=None`` means a Dense layer (inputs (..., N)); a ``ConvGeometry`` means a Conv
     layer (NHWC inputs, patch rows). ``patch_fraction < 1`` keeps a seeded random subset of
     each batch's rows (the SIMODS code kept 25% of conv patches); the same rows are kept for
-    the float and the quantized inputs.
+    the float and the quantized inputs. With ``mesh`` (a Mesh or "auto") each batch's rows are
+    split over the devices and every product is summed across them (data parallel).
     """
 
     def __init__(self, features: int, geometry: ConvGeometry | None = None,
-                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0):
+                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0, mesh=None):
         if not 0 < patch_fraction <= 1:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
         self.geometry = geometry
@@ -178,6 +181,9 @@ class StatsAccumulator:
         self.patch_fraction = patch_fraction
         self._key = jax.random.PRNGKey(seed)
         self._batches = 0
+        self.mesh = resolve_mesh(mesh)
+        if self.mesh is not None:
+            self.stats = replicate(self.stats, self.mesh)
 
     def rows(self, x: jax.Array) -> jax.Array:
         if self.geometry is None:
@@ -197,7 +203,11 @@ class StatsAccumulator:
             key = jax.random.fold_in(self._key, self._batches)
             both = subsample_rows(jnp.stack([r, rq], 1), self.patch_fraction, key)
             r, rq = both[:, 0], both[:, 1]
-        self.stats = accumulate(self.stats, r, rq)
+        count = r.shape[0]
+        if self.mesh is not None:  # zero rows pad to the device count and add nothing
+            r, rq = shard_along(r, self.mesh, 0), shard_along(rq, self.mesh, 0)
+        new = accumulate(self.stats, r, rq)
+        self.stats = new._replace(count=self.stats.count + count)
         self._batches += 1
         return self
 
