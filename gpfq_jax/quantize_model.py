@@ -1,0 +1,532 @@
+"""Whole-model driver: quantize every Dense/Conv layer of a Flax model, in forward order.
+
+For layer l: run the float model and the model whose layers < l are already quantized on the
+same calibration batches, capture layer l's input in both (a jitted prefix of the model that
+returns only that input), stream the batches into a ``StatsAccumulator`` (H, G, F), quantize
+with ``quantize_from_stats``, write the dequantized kernel ``scale * (codes + offset)`` back
+into the quantized model, and go on. Only one batch of one layer's inputs is alive at a time.
+
+The "float model" is the user's model, after BatchNorm folding when ``fold_batchnorm=True``.
+Linen and NNX specifics live in the two small ``_Target`` adapters at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from gpfq_jax import bn_fold
+from gpfq_jax.alphabets import QuantSpec, describe
+from gpfq_jax.calls import BNFollow, InputShapeError, trace_bn_follows
+from gpfq_jax.capture import LayerInfo, discover_layers, make_input_capturer, set_kernel
+from gpfq_jax.layer import quantize_from_stats
+from gpfq_jax.rules import LayerPlan, plan_layers
+from gpfq_jax.stats import ConvGeometry, StatsAccumulator
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One quantized layer.
+
+    path: module path (Linen: in ``variables['params']``; NNX: attribute path); name: "/".join.
+    kind: "dense" or "conv"; shape: the kernel shape (Flax layout).
+    codes: integer codes, shape ``shape`` (int8/int16); scale: the step, (cout,) or ();
+    dequantized kernel = ``scale * (codes + offset)`` (see :func:`dequantize`).
+    rel_error: ||X W - X~ Q||_F / ||X W||_F on the calibration data.
+    seconds = capture_seconds (forward passes, incl. compilation) + stats_seconds
+    (accumulating H, G, F) + quant_seconds (quantize_from_stats).
+    rows: calibration rows accumulated (samples for Dense, patches for Conv).
+    bias_shift: (cout,) added to the bias by bias correction, else None.
+    """
+
+    path: tuple[Any, ...]
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    spec: QuantSpec
+    method: str
+    levels: int
+    storage_bits: int
+    scale: jax.Array
+    codes: jax.Array
+    c: Any
+    offset: float
+    rel_error: float
+    seconds: float
+    capture_seconds: float
+    stats_seconds: float
+    quant_seconds: float
+    rows: int = 0
+    bias_shift: jax.Array | None = None
+
+    def summary(self) -> dict:
+        c = np.asarray(self.c)
+        return {"layer": self.name, "kind": self.kind, "shape": list(self.shape),
+                **describe(self.spec), "method": self.method,
+                "c": float(c) if c.ndim == 0 else [float(v) for v in c],
+                "rel_error": float(self.rel_error), "rows": self.rows,
+                "bias_corrected": self.bias_shift is not None,
+                "seconds": self.seconds, "capture_seconds": self.capture_seconds,
+                "stats_seconds": self.stats_seconds, "quant_seconds": self.quant_seconds}
+
+
+_TABLE = (("layer", "{}"), ("kind", "{}"), ("shape", "{}"), ("bits", "{}"), ("grid", "{}"),
+          ("method", "{}"), ("levels", "{}"), ("rel_error", "{:.4f}"), ("capture_s", "{:.3f}"),
+          ("stats_s", "{:.3f}"), ("quant_s", "{:.3f}"))
+
+
+class SummaryTable(list):
+    """A list of per-layer dicts that prints as an aligned table."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "(no quantized layers)"
+        key = {"capture_s": "capture_seconds", "stats_s": "stats_seconds",
+               "quant_s": "quant_seconds"}
+        rows = [[fmt.format(d[key.get(h, h)]) if not isinstance(d[key.get(h, h)], list)
+                 else "x".join(map(str, d[key.get(h, h)])) for h, fmt in _TABLE] for d in self]
+        heads = [h for h, _ in _TABLE]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    """What ``quantize_params`` returns.
+
+    variables: Linen: the variables tree with quantized kernels replaced by their dequantized
+      values (drop-in for ``model.apply``). NNX: ``nnx.to_pure_dict(nnx.state(model))`` of
+      the quantized copy.
+    model: NNX: the quantized copy (the user's model is untouched); Linen: None.
+    layers: one LayerRecord per quantized layer, forward order.
+    skipped: names of the layers left float by rules. folded: (layer, batchnorm) name pairs.
+    """
+
+    variables: Any
+    model: Any
+    layers: list[LayerRecord]
+    skipped: list[str]
+    folded: list[tuple[str, str]]
+    framework: str
+    seconds: float = 0.0
+
+    def summary(self) -> SummaryTable:
+        """Per-layer dicts; ``print(res.summary())`` shows a table."""
+        return SummaryTable(r.summary() for r in self.layers)
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(f"no quantized layer {name!r}; layers: "
+                       f"{', '.join(r.name for r in self.layers)}")
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, offset: float, dtype) -> jax.Array:
+    """``scale * (codes + offset)`` in ``dtype`` (the one formula used everywhere, so that
+    res.variables and ``load_quantized`` agree bit for bit). scale broadcasts on the last axis.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.asarray(scale, dtype) * (jnp.asarray(codes).astype(dtype)
+                                        + jnp.asarray(offset, dtype))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def calibration_batches(calib: Any, batch_size: int) -> list[Any]:
+    """Split ``calib`` (one array: in order, ``batch_size`` rows per batch, the last one
+    possibly smaller; or a list of arrays: each a batch) into batches, validated.
+
+    Raises ValueError for empty data, NaN/Inf (naming the batch and sample), or batches whose
+    per-sample shapes differ.
+    """
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(calib, list | tuple):
+        if not calib:
+            raise ValueError("empty calibration data: got an empty list of batches")
+        batches = list(calib)
+    elif hasattr(calib, "shape") and hasattr(calib, "dtype"):
+        if calib.ndim == 0:
+            raise ValueError("calibration data must have a leading batch axis, got a scalar")
+        batches = [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+    else:
+        raise TypeError("calib must be an array (n, ...) or a list of arrays (batches); got "
+                        f"{type(calib).__name__}")
+    if not batches or all(np.shape(b)[:1] == (0,) for b in batches):
+        raise ValueError("empty calibration data: 0 samples")
+    first = tuple(np.shape(batches[0])[1:])
+    start = 0
+    for i, b in enumerate(batches):
+        if not hasattr(b, "shape") or np.ndim(b) == 0:
+            raise TypeError(f"calibration batch {i} must be an array with a batch axis, got "
+                            f"{type(b).__name__}")
+        if tuple(b.shape[1:]) != first:
+            raise ValueError(f"calibration batch {i} has per-sample shape {tuple(b.shape[1:])}, "
+                             f"batch 0 has {first}")
+        if b.shape[0] == 0:
+            raise ValueError(f"empty calibration data: batch {i} has 0 samples")
+        if jnp.issubdtype(b.dtype, jnp.inexact):
+            bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise ValueError(f"calibration data contains NaN or Inf: {int(bad.sum())} "
+                                 f"sample(s) of batch {i}, first at sample {start + j}")
+        start += b.shape[0]
+    return batches
+
+
+def default_apply_kwargs(model: Any) -> dict:
+    """``{"train": False}`` if the model's ``__call__`` takes ``train``, else ``{}``."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"train": False} if "train" in params else {}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def quantize_params(model: Any, variables: Any, calib: Any,
+                    spec: QuantSpec | dict | None = None, method: str = "gpfq",
+                    rules: Sequence[Any] | None = None, *, batch_size: int = 256,
+                    apply_kwargs: dict | None = None, fold_batchnorm: bool = False,
+                    bias_correction: bool = False, seed: int = 0, progress: bool = True,
+                    key: jax.Array | None = None, patch_fraction: float = 1.0,
+                    block_size: int | None = None, damp: float = 0.01,
+                    act_order: bool = False, stats_dtype=jnp.float32) -> QuantizeResult:
+    """Quantize every Dense/Conv layer of ``model``, in forward order (GPFQ by default).
+
+    Args:
+      model: a Linen ``nn.Module`` (with ``variables``) or an NNX ``nnx.Module`` (variables
+        None; the result's ``model`` is a quantized copy, the input model is untouched).
+      variables: Linen variables dict (``params``, ``batch_stats``, ...), or None for NNX.
+      calib: calibration inputs: one array (n, ...) split in order into ``batch_size`` batches,
+        or a list of arrays (each one batch).
+      spec, method: default QuantSpec and method ("gpfq", "rtn", "gptq") for every layer.
+      rules: list of ``Rule(pattern, skip, spec, method)`` (or tuples/dicts) matched with
+        ``re.search`` on layer names; first match wins.
+      apply_kwargs: extra arguments of the forward pass; default ``{"train": False}`` if
+        ``__call__`` takes ``train``, else ``{}``. NNX models are run on an ``.eval()`` copy.
+      fold_batchnorm: fold each inference-mode BatchNorm that directly follows a Dense/Conv
+        into that layer before quantizing (see ``gpfq_jax.bn_fold``).
+      bias_correction: after quantizing a layer with a bias, add to the bias the mean over
+        calibration rows of (float output - quantized output) of that layer.
+      seed: seeds patch subsampling and (when ``key`` is None) stochastic rounding.
+      progress: show a tqdm bar over layers.
+      key: PRNG key for stochastic rounding (per layer: ``fold_in(key, index)``).
+      patch_fraction: fraction of conv patches (rows) kept per batch (seeded).
+      block_size, damp, act_order: passed to ``quantize_from_stats``.
+      stats_dtype: dtype of H, G, F (float64 needs ``jax_enable_x64``).
+    Returns: QuantizeResult.
+    """
+    start = time.perf_counter()
+    batches = calibration_batches(calib, batch_size)
+    if apply_kwargs is None:
+        apply_kwargs = default_apply_kwargs(model)
+    target = _make_target(model, variables, dict(apply_kwargs))
+    follows = _checked_trace(target, batches[0])
+    layers = discover_layers(target.model, target.discover_vars, batches[0], **target.kwargs)
+    plans = plan_layers([layer.name for layer in layers], rules, spec, method)
+    folded = []
+    if fold_batchnorm:
+        folded = _fold(target, follows, layers, plans, batches[0])
+    key = jax.random.PRNGKey(seed) if key is None else key
+
+    records, skipped = [], []
+    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
+    try:
+        for i, (layer, plan) in enumerate(zip(layers, plans)):
+            bar.set_postfix_str(layer.name)
+            if plan.skip:
+                skipped.append(layer.name)
+            else:
+                records.append(_quantize_layer(
+                    target, layer, plan, batches, changed=bool(records),
+                    bias_correction=bias_correction, key=jax.random.fold_in(key, i),
+                    seed=(seed * 1_000_003 + i) % 2**31, patch_fraction=patch_fraction,
+                    block_size=block_size, damp=damp, act_order=act_order,
+                    stats_dtype=stats_dtype))
+            bar.update(1)
+    finally:
+        bar.close()
+    variables_out, model_out = target.result()
+    return QuantizeResult(variables_out, model_out, records, skipped, folded, target.framework,
+                          time.perf_counter() - start)
+
+
+def _checked_trace(target: _Target, batch: Any) -> list[BNFollow]:
+    """BN-follow pairs from one abstract pass; a model that fails on ``batch`` -> ValueError."""
+    shape = tuple(batch.shape)
+    try:
+        return trace_bn_follows(target.model, target.discover_vars, batch, target.kwargs)
+    except InputShapeError as e:
+        raise ValueError(f"calibration inputs of shape {shape} do not fit the model: {e}") from e
+    except NotImplementedError:
+        raise
+    except Exception as e:  # the model's own failure, re-raised with context
+        raise ValueError(f"running the model on a calibration batch of shape {shape} (dtype "
+                         f"{batch.dtype}, apply_kwargs={target.kwargs}) failed; check the "
+                         f"input shape. {type(e).__name__}: {e}") from e
+
+
+def _fold(target: _Target, follows: list[BNFollow], layers: list[LayerInfo],
+          plans: list[LayerPlan], batch: Any) -> list[tuple[str, str]]:
+    """Fold the foldable BN pairs of quantized layers into the float model; check outputs."""
+    quantized = {layer.path for layer, plan in zip(layers, plans) if not plan.skip}
+    pairs = []
+    for p in follows:
+        if p.path not in quantized:
+            continue
+        if not p.foldable:
+            warnings.warn(f"not folding BatchNorm {_name(p.bn_path)!r} into "
+                          f"{_name(p.path)!r}: {p.reason}", stacklevel=3)
+            continue
+        pairs.append(p)
+    if not pairs:
+        return []
+    before = target.forward(batch)
+    target.fold(pairs)
+    bad = _changed_outputs(before, target.forward(batch))
+    if bad:
+        culprits = [p for p in pairs if _changed_outputs(before, target.forward(
+            batch, fold=[p]))]
+        names = ", ".join(f"{_name(p.path)} -> {_name(p.bn_path)}" for p in culprits) or "?"
+        raise ValueError(f"folding BatchNorm changed the float model's outputs (relative "
+                         f"difference {bad:.2e}) for: {names}; the layer's pre-BatchNorm output "
+                         "is probably used elsewhere too. Pass fold_batchnorm=False.")
+    return [(_name(p.path), _name(p.bn_path)) for p in pairs]
+
+
+def _changed_outputs(a: Any, b: Any) -> float:
+    """Largest relative output difference if above the dtype's tolerance, else 0."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        denom = max(float(np.abs(x64).max(initial=0.0)), 1e-30)
+        rel = float(np.abs(x64 - y64).max(initial=0.0)) / denom
+        if rel > max(1e-3, 16 * float(jnp.finfo(x.dtype).eps)):
+            worst = max(worst, rel)
+    return worst
+
+
+def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches: list,
+                    *, changed: bool, bias_correction: bool, key: jax.Array, seed: int,
+                    patch_fraction: float, block_size: int | None, damp: float,
+                    act_order: bool, stats_dtype) -> LayerRecord:
+    """Capture, accumulate, quantize and write back one layer."""
+    capture = target.capturer(layer)
+    acc = StatsAccumulator(math.prod(layer.kernel_shape[:-1]), _geometry(layer), stats_dtype,
+                           patch_fraction, seed)
+    correct = bias_correction and layer.has_bias
+    sum_x, sum_xq, count = 0.0, 0.0, 0
+    t_cap = t_stats = 0.0
+    for b in batches:
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(capture(target.float_arg, b))
+        xq = jax.block_until_ready(capture(target.quant_arg, b)) if changed else x
+        t1 = time.perf_counter()
+        acc.update(x, xq)
+        if correct:  # mean input rows (all rows, not subsampled): (g, N)
+            rows = acc.rows(x)
+            count += rows.shape[0]
+            sum_x = sum_x + np.asarray(rows.sum(0), np.float64)
+            sum_xq = sum_xq + (np.asarray(acc.rows(xq).sum(0), np.float64) if changed
+                               else np.asarray(rows.sum(0), np.float64))
+        jax.block_until_ready(acc.stats)
+        t_stats += time.perf_counter() - t1
+        t_cap += t1 - t0
+    stats = acc.result()
+    kernel = target.float_kernel(layer)
+    t0 = time.perf_counter()
+    r = quantize_from_stats(kernel, stats, plan.spec, plan.method, key=key,
+                            block_size=block_size, damp=damp, act_order=act_order)
+    q = jax.block_until_ready(dequantize(r.codes, r.scale, r.offset, kernel.dtype))
+    t_quant = time.perf_counter() - t0
+    target.set_kernel(layer, q)
+    shift = None
+    if correct:
+        shift = bias_shift(sum_x / count, sum_xq / count, kernel, q, layer.feature_group_count)
+        bias = target.quant_bias(layer)
+        target.set_bias(layer, (np.asarray(bias, np.float64) + shift).astype(bias.dtype))
+        shift = jnp.asarray(shift, bias.dtype)
+    return LayerRecord(
+        path=layer.path, name=layer.name, kind=layer.kind, shape=tuple(layer.kernel_shape),
+        spec=r.spec, method=r.method, levels=r.levels, storage_bits=r.storage_bits,
+        scale=r.scale, codes=r.codes, c=r.c, offset=r.offset, rel_error=r.rel_error,
+        seconds=t_cap + t_stats + t_quant, capture_seconds=t_cap, stats_seconds=t_stats,
+        quant_seconds=t_quant, rows=int(stats.count), bias_shift=shift)
+
+
+def bias_shift(mean_x: np.ndarray, mean_xq: np.ndarray, kernel: jax.Array, q: jax.Array,
+               groups: int = 1) -> np.ndarray:
+    """(cout,) mean float output minus mean quantized output of a layer, bias excluded.
+
+    mean_x, mean_xq: (g, N) mean input rows (float / quantized model; patches for conv);
+    kernel, q: float and dequantized kernels (..., cout/.. Flax layout).
+    """
+    def grouped(k):
+        mat = np.asarray(k, np.float64).reshape(-1, k.shape[-1])
+        return mat.reshape(mat.shape[0], groups, -1).transpose(1, 0, 2)  # (g, N, cout/g)
+
+    out = (np.einsum("gi,gin->gn", mean_x, grouped(kernel))
+           - np.einsum("gi,gin->gn", mean_xq, grouped(q)))
+    return out.reshape(-1)
+
+
+def _geometry(layer: LayerInfo) -> ConvGeometry | None:
+    if layer.kind == "dense":
+        return None
+    return ConvGeometry(tuple(layer.kernel_shape[:-2]), int(layer.input_shape[-1]),
+                        tuple(layer.strides), tuple(tuple(p) for p in layer.padding),
+                        tuple(layer.input_dilation), tuple(layer.kernel_dilation),
+                        int(layer.feature_group_count))
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+# --------------------------------------------------------------------------- Flax adapters
+
+
+class _Target:
+    """The float and the partially quantized model of one framework."""
+
+    framework: str
+    model: Any
+    kwargs: dict
+    discover_vars: Any
+    float_arg: Any  # what a capturer takes for the float model
+    quant_arg: Any  # ... and for the partially quantized model
+
+    def capturer(self, layer: LayerInfo) -> Callable:
+        raise NotImplementedError
+
+
+class _LinenTarget(_Target):
+    framework = "linen"
+
+    def __init__(self, model: nn.Module, variables: Any, kwargs: dict):
+        if variables is None or not hasattr(variables, "keys") or "params" not in variables:
+            raise TypeError("a Linen model needs its variables dict (with 'params'); got "
+                            f"{type(variables).__name__}")
+        self.model, self.kwargs = model, kwargs
+        self.float_arg = self.quant_arg = self.discover_vars = variables
+        self._apply = jax.jit(lambda v, x: model.apply(v, x, **kwargs))
+
+    def capturer(self, layer):
+        return make_input_capturer(self.model, self.float_arg, layer, **self.kwargs)
+
+    def forward(self, batch, fold=None):
+        v = self.float_arg if fold is None else bn_fold.fold_linen(self.discover_vars, fold)
+        return self._apply(v, batch)
+
+    def fold(self, pairs):
+        self.float_arg = self.quant_arg = bn_fold.fold_linen(self.float_arg, pairs)
+
+    def float_kernel(self, layer):
+        return jnp.asarray(bn_fold.get_in(self.float_arg, ("params", *layer.path, "kernel")))
+
+    def set_kernel(self, layer, q):
+        self.quant_arg = set_kernel(self.quant_arg, layer, q)
+
+    def quant_bias(self, layer):
+        return jnp.asarray(bn_fold.get_in(self.quant_arg, ("params", *layer.path, "bias")))
+
+    def set_bias(self, layer, b):
+        self.quant_arg = bn_fold.replace_in(self.quant_arg, ("params", *layer.path, "bias"),
+                                            jnp.asarray(b))
+
+    def result(self):
+        return self.quant_arg, None
+
+
+class _NNXTarget(_Target):
+    framework = "nnx"
+    discover_vars = None
+
+    def __init__(self, model: nnx.Module, kwargs: dict):
+        self.kwargs = kwargs
+        self.model = nnx.clone(model)   # the float model (folded later); the user's is untouched
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        self.qmodel = nnx.clone(self.model)  # the partially quantized model
+        self._graphdef = nnx.graphdef(self.model)
+        self._apply = jax.jit(lambda st, x: nnx.merge(self._graphdef, st)(x, **kwargs))
+
+    @property
+    def float_arg(self):
+        return nnx.state(self.model)
+
+    @property
+    def quant_arg(self):
+        return nnx.state(self.qmodel)
+
+    def capturer(self, layer):
+        return make_input_capturer(self.model, None, layer, **self.kwargs)
+
+    def forward(self, batch, fold=None):
+        m = self.model
+        if fold is not None:
+            m = nnx.clone(self._unfolded)
+            bn_fold.fold_nnx(m, fold)
+        return self._apply(nnx.state(m), batch)
+
+    def fold(self, pairs):
+        self._unfolded = nnx.clone(self.model)
+        bn_fold.fold_nnx(self.model, pairs)
+        self.qmodel = nnx.clone(self.model)
+
+    def float_kernel(self, layer):
+        return bn_fold.module_at(self.model, layer.path).kernel[...]
+
+    def set_kernel(self, layer, q):
+        bn_fold.module_at(self.qmodel, layer.path).kernel.set_value(q)
+
+    def quant_bias(self, layer):
+        return bn_fold.module_at(self.qmodel, layer.path).bias[...]
+
+    def set_bias(self, layer, b):
+        bn_fold.module_at(self.qmodel, layer.path).bias.set_value(jnp.asarray(b))
+
+    def result(self):
+        return nnx.to_pure_dict(nnx.state(self.qmodel)), self.qmodel
+
+
+def _make_target(model: Any, variables: Any, kwargs: dict) -> _Target:
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise TypeError("for an NNX model pass variables=None (the model holds its state); "
+                            f"got {type(variables).__name__}")
+        return _NNXTarget(model, kwargs)
+    if isinstance(model, nn.Module):
+        return _LinenTarget(model, variables, kwargs)
+    raise TypeError(f"model must be a flax.linen Module or a flax.nnx Module, got "
+                    f"{type(model).__name__}")
+
+
+__all__ = ["quantize_params", "QuantizeResult", "LayerRecord", "SummaryTable", "dequantize",
+           "calibration_batches", "default_apply_kwargs", "bias_shift"]

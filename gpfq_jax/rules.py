@@ -1,0 +1,110 @@
+"""Per-layer rules: skip a layer or override its spec / method, selected by regex on its name.
+
+A layer's name is its path joined by "/" (Linen: module path in ``variables['params']``, e.g.
+``"block_0/Conv_1"``; NNX: attribute path, e.g. ``"layers/0"``). Rules are tried in order with
+``re.search``; the first match wins. A rule that matches no layer is an error (a typo would
+otherwise silently quantize everything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gpfq_jax.alphabets import QuantSpec, as_spec
+from gpfq_jax.layer import METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Override for the layers whose name matches ``pattern`` (``re.search``).
+
+    skip: leave the layer float. spec: a QuantSpec replaces the base spec; a dict replaces only
+    the fields it names (``{"bits": 8}``). method: "gpfq", "rtn" or "gptq". bits: shorthand
+    for ``spec={"bits": bits}`` applied last.
+    """
+
+    pattern: str
+    skip: bool = False
+    spec: QuantSpec | dict | None = None
+    method: str | None = None
+    bits: int | float | str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"rule pattern must be a string, got {type(self.pattern).__name__}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from e
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"rule {self.pattern!r}: unknown method {self.method!r}; "
+                             f"expected one of {METHODS}")
+        if self.spec is not None and not isinstance(self.spec, QuantSpec | Mapping):
+            raise TypeError(f"rule {self.pattern!r}: spec must be a QuantSpec or a dict, got "
+                            f"{type(self.spec).__name__}")
+
+    def apply(self, spec: QuantSpec, method: str) -> tuple[QuantSpec, str]:
+        """The (spec, method) of a matched layer, from the base ones."""
+        if isinstance(self.spec, QuantSpec):
+            spec = self.spec
+        elif self.spec is not None:
+            spec = dataclasses.replace(spec, **dict(self.spec))
+        if self.bits is not None:
+            spec = dataclasses.replace(spec, bits=self.bits)
+        return spec, self.method or method
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer: skipped, or quantized with ``spec`` and ``method``."""
+
+    name: str
+    skip: bool
+    spec: QuantSpec
+    method: str
+    rule: Rule | None = None
+
+
+def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
+    """Accept a Rule, a tuple ``(pattern, skip, spec, method, bits)`` (prefix) or a dict."""
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str):
+        raise TypeError(f"a rule must be a Rule, tuple or dict, got the string {rule!r}; "
+                        f"use Rule({rule!r}, skip=True) or similar")
+    if isinstance(rule, Mapping):
+        return Rule(**rule)
+    if isinstance(rule, Sequence):
+        return Rule(*rule)
+    raise TypeError(f"a rule must be a Rule, tuple or dict, got {type(rule).__name__}")
+
+
+def plan_layers(names: Sequence[str], rules: Sequence[Any] | None, spec: QuantSpec | dict | None,
+                method: str) -> list[LayerPlan]:
+    """One LayerPlan per layer name (first matching rule wins).
+
+    Raises ValueError naming the pattern and listing the layer names if a rule matches no layer.
+    """
+    base = as_spec(spec)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    parsed = [as_rule(r) for r in (rules or ())]
+    for r in parsed:
+        if not any(re.search(r.pattern, n) for n in names):
+            raise ValueError(f"rule pattern {r.pattern!r} matches no layer; layer names: "
+                             f"{', '.join(names) or '(none)'}")
+    plans = []
+    for n in names:
+        rule = next((r for r in parsed if re.search(r.pattern, n)), None)
+        if rule is None:
+            plans.append(LayerPlan(n, False, base, method))
+        else:
+            s, m = rule.apply(base, method)
+            plans.append(LayerPlan(n, rule.skip, s, m, rule))
+    return plans
+
+
+__all__ = ["Rule", "LayerPlan", "as_rule", "plan_layers"]
