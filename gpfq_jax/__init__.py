@@ -29,3 +29,6 @@ from gpfq_jax.stats import (
 )
 
 __version__ = "0.1.0"
+from gpfq_jax.export import load_quantized, save_quantized, size_report  # noqa: E402
+from gpfq_jax.quantize_model import LayerRecord, QuantizeResult, quantize_params  # noqa: E402
+from gpfq_jax.rules import Rule  # noqa: E402
