@@ -54,6 +54,8 @@ class LayerRecord:
     (accumulating H, G, F) + quant_seconds (quantize_from_stats).
     rows: calibration rows accumulated (samples for Dense, patches for Conv).
     bias_shift: (cout,) added to the bias by bias correction, else None.
+    capture_first_seconds: the first batch's share of capture_seconds (includes compiling
+    the layer's capture function).
     """
 
     path: tuple[Any, ...]
@@ -75,6 +77,7 @@ class LayerRecord:
     quant_seconds: float
     rows: int = 0
     bias_shift: jax.Array | None = None
+    capture_first_seconds: float = 0.0
 
     def summary(self) -> dict:
         c = np.asarray(self.c)
@@ -84,6 +87,7 @@ class LayerRecord:
                 "rel_error": float(self.rel_error), "rows": self.rows,
                 "bias_corrected": self.bias_shift is not None,
                 "seconds": self.seconds, "capture_seconds": self.capture_seconds,
+                "capture_first_seconds": self.capture_first_seconds,
                 "stats_seconds": self.stats_seconds, "quant_seconds": self.quant_seconds}
 
 
@@ -342,7 +346,7 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
                            patch_fraction, seed)
     correct = bias_correction and layer.has_bias
     sum_x, sum_xq, count = 0.0, 0.0, 0
-    t_cap = t_stats = 0.0
+    t_cap = t_stats = t_first = 0.0
     for b in batches:
         t0 = time.perf_counter()
         x = jax.block_until_ready(capture(target.float_arg, b))
@@ -358,6 +362,7 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
         jax.block_until_ready(acc.stats)
         t_stats += time.perf_counter() - t1
         t_cap += t1 - t0
+        t_first = t_first or t1 - t0
     stats = acc.result()
     kernel = target.float_kernel(layer)
     t0 = time.perf_counter()
@@ -377,7 +382,8 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
         spec=r.spec, method=r.method, levels=r.levels, storage_bits=r.storage_bits,
         scale=r.scale, codes=r.codes, c=r.c, offset=r.offset, rel_error=r.rel_error,
         seconds=t_cap + t_stats + t_quant, capture_seconds=t_cap, stats_seconds=t_stats,
-        quant_seconds=t_quant, rows=int(stats.count), bias_shift=shift)
+        quant_seconds=t_quant, rows=int(stats.count), bias_shift=shift,
+        capture_first_seconds=t_first)
 
 
 def bias_shift(mean_x: np.ndarray, mean_xq: np.ndarray, kernel: jax.Array, q: jax.Array,
