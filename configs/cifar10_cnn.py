@@ -1,7 +1,7 @@
 """CIFAR-10 (JPEG q75 copy), the JMLR CNN: conv 32-32-64-64-128-128, dense 128, BN, dropout.
 
 python train.py --config=configs/cifar10_cnn.py --workdir=workdirs/cifar10_cnn
-Epoch count sized for ~30 minutes on 2 CPU cores.
+Epoch count sized for ~30 minutes on 2 CPU cores; raise --config.num_epochs for accuracy.
 """
 
 import ml_collections
@@ -14,18 +14,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {
             "name": "cifar_cnn",
-            "kwargs": {"widths": (32, 64, 128), "dropout": (0.2, 0.3, 0.4), "dense": 128},
+            "kwargs": {
+                "widths": (32, 64, 128),
+                # lighter than the JMLR rates (0.2, 0.3, 0.4; 0.5) for the short CPU schedule
+                "dropout": (0.1, 0.2, 0.3),
+                "dense": 128,
+                "dense_dropout": 0.3,
+            },
         }
     )
     c.seed = 0
-    c.batch_size = 128
+    c.batch_size = 64  # small batches run fastest per image on CPU
     c.eval_batch_size = 1000
-    c.num_epochs = 12
+    c.num_epochs = 6  # ~5 min/epoch on 2 shared CPU cores; 30+ for ~89%
     c.optimizer = "sgd"  # "adamw" | "sgd"
     c.learning_rate = 0.05
     c.momentum = 0.9  # sgd only
     c.weight_decay = 5e-4
-    c.warmup_epochs = 1.0
+    c.warmup_epochs = 0.5
     c.augment = True  # random crop (4 px) + horizontal flip
     c.val_size = 5000
     c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 128
     c.eval_batch_size = 1000
-    c.num_epochs = 15
+    c.num_epochs = 20  # ~2 s/epoch on 2 CPU cores
     c.optimizer = "adamw"  # "adamw" | "sgd"
     c.learning_rate = 1e-3
     c.momentum = 0.9  # sgd only
