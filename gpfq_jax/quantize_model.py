@@ -480,16 +480,21 @@ class _NNXTarget(_Target):
         if hasattr(self.model, "eval"):
             self.model.eval()
         self.qmodel = nnx.clone(self.model)  # the partially quantized model
+        self._fstate = self._qstate = None      # cached nnx.state of each
         self._graphdef = nnx.graphdef(self.model)
         self._apply = jax.jit(lambda st, x: nnx.merge(self._graphdef, st)(x, **kwargs))
 
     @property
     def float_arg(self):
-        return nnx.state(self.model)
+        if self._fstate is None:
+            self._fstate = nnx.state(self.model)
+        return self._fstate
 
     @property
     def quant_arg(self):
-        return nnx.state(self.qmodel)
+        if self._qstate is None:
+            self._qstate = nnx.state(self.qmodel)
+        return self._qstate
 
     def capturer(self, layer):
         return make_input_capturer(self.model, None, layer, **self.kwargs)
@@ -505,18 +510,21 @@ class _NNXTarget(_Target):
         self._unfolded = nnx.clone(self.model)
         bn_fold.fold_nnx(self.model, pairs)
         self.qmodel = nnx.clone(self.model)
+        self._fstate = self._qstate = None
 
     def float_kernel(self, layer):
         return bn_fold.module_at(self.model, layer.path).kernel[...]
 
     def set_kernel(self, layer, q):
         bn_fold.module_at(self.qmodel, layer.path).kernel.set_value(q)
+        self._qstate = None
 
     def quant_bias(self, layer):
         return bn_fold.module_at(self.qmodel, layer.path).bias[...]
 
     def set_bias(self, layer, b):
         bn_fold.module_at(self.qmodel, layer.path).bias.set_value(jnp.asarray(b))
+        self._qstate = None
 
     def result(self):
         return nnx.to_pure_dict(nnx.state(self.qmodel)), self.qmodel
