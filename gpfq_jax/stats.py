@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -115,23 +116,43 @@ def dense_rows(x: jax.Array) -> jax.Array:
 def conv_rows(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """Conv inputs (n, *spatial, cin) -> patch rows (m, g, kh*kw*cin/g), kernel order.
 
-    m = n * number of output positions. Uses ``jax.lax.conv_general_dilated_patches``, whose
-    features come channel-major (cin, kh, kw); they are reordered to (kh, kw, cin) per group.
+    m = n * number of output positions. The patches are strided slices of the padded input
+    (a copy, no arithmetic), stacked in the kernel's (kh, kw, cin) order. With input
+    dilation it falls back to ``jax.lax.conv_general_dilated_patches`` (channel-major
+    features, reordered).
     """
     nd = len(geometry.kernel_size)
     if x.ndim != nd + 2 or x.shape[-1] != geometry.in_features:
         raise ValueError(f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
                          f"got shape {tuple(x.shape)}")
-    spatial = "HWD"[:nd] if nd <= 3 else None
-    lhs = "N" + spatial + "C"
-    patches = jax.lax.conv_general_dilated_patches(
-        x, geometry.kernel_size, geometry.strides, geometry.padding,
-        lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
-        dimension_numbers=(lhs, "OI" + spatial, lhs), precision=HIGHEST)
     g = geometry.feature_group_count
     k = int(np.prod(geometry.kernel_size))
-    p = patches.reshape(-1, g, geometry.in_features // g, k)
-    return jnp.swapaxes(p, -1, -2).reshape(p.shape[0], g, -1)
+    cin = geometry.in_features
+    if any(d != 1 for d in geometry.input_dilation):
+        spatial = "HWD"[:nd]
+        lhs = "N" + spatial + "C"
+        patches = jax.lax.conv_general_dilated_patches(
+            x, geometry.kernel_size, geometry.strides, geometry.padding,
+            lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
+            dimension_numbers=(lhs, "OI" + spatial, lhs), precision=HIGHEST)
+        p = patches.reshape(-1, g, cin // g, k)
+        return jnp.swapaxes(p, -1, -2).reshape(p.shape[0], g, -1)
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding),
+                               (0, 0, 0)])
+    sizes = xp.shape[1:-1]
+    out = [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
+           zip(sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+    slices = []
+    for offsets in itertools.product(*(range(kk) for kk in geometry.kernel_size)):
+        start = [0, *(o * d for o, d in zip(offsets, geometry.kernel_dilation)), 0]
+        limit = [x.shape[0], *(st + (n_out - 1) * s + 1 for st, n_out, s in
+                               zip(start[1:-1], out, geometry.strides)), cin]
+        slices.append(jax.lax.slice(xp, start, limit, (1, *geometry.strides, 1)))
+    p = jnp.stack(slices, axis=-2).reshape(-1, k, g, cin // g)     # (m, kh*kw, g, cin/g)
+    if g == 1:
+        return p.reshape(p.shape[0], 1, k * cin)
+    return jnp.swapaxes(p, 1, 2).reshape(p.shape[0], g, -1)
 
 
 def subsample_rows(rows: jax.Array, fraction: float, key: jax.Array) -> jax.Array:

@@ -59,6 +59,15 @@ def test_flax_conv_matches_geometry(rng):
     np.testing.assert_allclose(_conv(x, k, geom), conv.apply(v, x), rtol=1e-5, atol=1e-5)
 
 
+def test_patches_with_input_dilation(rng):
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    geom = ConvGeometry.create(kernel.shape, 1, ((1, 1), (2, 1)), input_dilation=2)
+    rows = conv_rows(x, geom)
+    np.testing.assert_allclose(rows[:, 0] @ kernel.reshape(-1, 4),
+                               _conv(x, kernel, geom).reshape(-1, 4), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_gpfq_data_form_equals_stats_path(x64, rng, case):
     """Per group: GPFQ on explicit patches (data form) == quantize_from_stats (Gram form)."""
