@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from gpfq_jax import bn_fold
@@ -33,6 +35,7 @@ from gpfq_jax.calls import BNFollow, InputShapeError, trace_bn_follows
 from gpfq_jax.capture import LayerInfo, discover_layers, make_input_capturer, set_kernel
 from gpfq_jax.layer import quantize_from_stats
 from gpfq_jax.rules import LayerPlan, plan_layers
+from gpfq_jax.sharding import resolve_mesh
 from gpfq_jax.stats import ConvGeometry, StatsAccumulator
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -163,40 +166,124 @@ def calibration_batches(calib: Any, batch_size: int) -> list[Any]:
     Raises ValueError for empty data, NaN/Inf (naming the batch and sample), or batches whose
     per-sample shapes differ.
     """
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_batch_size(batch_size)
     if isinstance(calib, list | tuple):
         if not calib:
             raise ValueError("empty calibration data: got an empty list of batches")
         batches = list(calib)
-    elif hasattr(calib, "shape") and hasattr(calib, "dtype"):
+    elif _is_array(calib):
         if calib.ndim == 0:
             raise ValueError("calibration data must have a leading batch axis, got a scalar")
         batches = [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
     else:
-        raise TypeError("calib must be an array (n, ...) or a list of arrays (batches); got "
+        raise TypeError("calib must be an array (n, ...), a list of arrays (batches) or a "
+                        f"zero-argument callable returning an iterator of batches; got "
                         f"{type(calib).__name__}")
     if not batches or all(np.shape(b)[:1] == (0,) for b in batches):
         raise ValueError("empty calibration data: 0 samples")
-    first = tuple(np.shape(batches[0])[1:])
+    first = _sample_shape(batches[0], 0)
     start = 0
     for i, b in enumerate(batches):
-        if not hasattr(b, "shape") or np.ndim(b) == 0:
-            raise TypeError(f"calibration batch {i} must be an array with a batch axis, got "
-                            f"{type(b).__name__}")
-        if tuple(b.shape[1:]) != first:
-            raise ValueError(f"calibration batch {i} has per-sample shape {tuple(b.shape[1:])}, "
-                             f"batch 0 has {first}")
-        if b.shape[0] == 0:
-            raise ValueError(f"empty calibration data: batch {i} has 0 samples")
-        if jnp.issubdtype(b.dtype, jnp.inexact):
-            bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
-            if bad.any():
-                j = int(np.argmax(bad))
-                raise ValueError(f"calibration data contains NaN or Inf: {int(bad.sum())} "
-                                 f"sample(s) of batch {i}, first at sample {start + j}")
-        start += b.shape[0]
+        start += _check_batch(b, i, first, start)
     return batches
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _is_array(a: Any) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype")
+
+
+def _sample_shape(b: Any, i: int) -> tuple[int, ...]:
+    if not _is_array(b) or np.ndim(b) == 0:
+        raise TypeError(f"calibration batch {i} must be an array with a batch axis, got "
+                        f"{type(b).__name__}")
+    return tuple(b.shape[1:])
+
+
+def _check_batch(b: Any, i: int, first: tuple[int, ...], start: int, where: str = "") -> int:
+    """Validate batch ``i`` (samples ``start``...) against per-sample shape ``first``;
+    return its number of samples. ``where`` qualifies the batch in messages."""
+    if _sample_shape(b, i) != first:
+        raise ValueError(f"calibration batch {i}{where} has per-sample shape "
+                         f"{tuple(b.shape[1:])}, batch 0 has {first}")
+    if b.shape[0] == 0:
+        raise ValueError(f"empty calibration data: batch {i}{where} has 0 samples")
+    if jnp.issubdtype(b.dtype, jnp.inexact):
+        bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"calibration data contains NaN or Inf: {int(bad.sum())} "
+                             f"sample(s) of batch {i}{where}, first at sample {start + j}")
+    return int(b.shape[0])
+
+
+class Calibration:
+    """Calibration batches, as a validated list or streamed from a callable.
+
+    ``calib`` is an array (split into ``batch_size`` batches), a list of arrays (one batch
+    each), or a zero-argument callable returning a fresh iterator of batches. A callable is
+    called once per pass (once per quantized layer; the first pass also supplies the batch
+    used to trace the model), so only one batch is held at a time: memory does not grow with
+    the number of samples. Every pass must yield the same batches in the same order (same
+    sample count, else ValueError). Streamed batches are validated as they arrive (shape,
+    empty, NaN/Inf naming the batch and the sample).
+    """
+
+    def __init__(self, calib: Any, batch_size: int = 256):
+        self._factory: Callable[[], Any] | None = None
+        self._batches: list[Any] | None = None
+        self._pending: Iterator[Any] | None = None
+        self.calls = 0
+        self._counts: tuple[int, int] | None = None  # (batches, samples) of the first pass
+        if callable(calib) and not _is_array(calib):
+            self._factory = calib
+            self._pending = self._open()
+            first = next(self._pending, None)
+            if first is None:
+                raise ValueError("empty calibration data: calib() yielded no batches")
+            self._shape = _sample_shape(first, 0)
+            _check_batch(first, 0, self._shape, 0, " (first pass of calib())")
+            self._pending = itertools.chain([first], self._pending)
+            self.first = first
+        else:
+            self._batches = calibration_batches(calib, batch_size)
+            self.first = self._batches[0]
+
+    @property
+    def streamed(self) -> bool:
+        return self._factory is not None
+
+    def _open(self) -> Iterator[Any]:
+        self.calls += 1
+        source = self._factory()
+        try:
+            return iter(source)
+        except TypeError:
+            raise TypeError("calib() must return an iterable of batches (arrays); got "
+                            f"{type(source).__name__}") from None
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass over the batches."""
+        if self._batches is not None:
+            yield from self._batches
+            return
+        it, self._pending = (self._pending or self._open()), None
+        n_pass, start, i = self.calls, 0, -1
+        where = f" (pass {n_pass} of calib())"
+        for i, b in enumerate(it):
+            start += _check_batch(b, i, self._shape, start, where)
+            yield b
+        counts = (i + 1, start)
+        if self._counts is None:
+            self._counts = counts
+        elif counts != self._counts:
+            raise ValueError(f"calib() yielded {counts[1]} samples in {counts[0]} batches on "
+                             f"pass {n_pass} but {self._counts[1]} in {self._counts[0]} on "
+                             "pass 1; it must yield the same batches on every call")
 
 
 def default_apply_kwargs(model: Any) -> dict:
@@ -218,7 +305,8 @@ def quantize_params(model: Any, variables: Any, calib: Any,
                     bias_correction: bool = False, seed: int = 0, progress: bool = True,
                     key: jax.Array | None = None, patch_fraction: float = 1.0,
                     block_size: int | None = None, damp: float = 0.01,
-                    act_order: bool = False, stats_dtype=jnp.float32) -> QuantizeResult:
+                    act_order: bool = False, stats_dtype=jnp.float32,
+                    mesh: Mesh | str | None = None) -> QuantizeResult:
     """Quantize every Dense/Conv layer of ``model``, in forward order (GPFQ by default).
 
     Args:
@@ -226,7 +314,10 @@ def quantize_params(model: Any, variables: Any, calib: Any,
         None; the result's ``model`` is a quantized copy, the input model is untouched).
       variables: Linen variables dict (``params``, ``batch_stats``, ...), or None for NNX.
       calib: calibration inputs: one array (n, ...) split in order into ``batch_size`` batches,
-        or a list of arrays (each one batch).
+        a list of arrays (each one batch), or a zero-argument callable returning a fresh
+        iterator of batches (called once per quantized layer, so the data can stream from
+        disk; every call must yield the same batches in the same order). See
+        :class:`Calibration`.
       spec, method: default QuantSpec and method ("gpfq", "rtn", "gptq") for every layer.
       rules: list of ``Rule(pattern, skip, spec, method)`` (or tuples/dicts) matched with
         ``re.search`` on layer names; first match wins.
@@ -241,20 +332,28 @@ def quantize_params(model: Any, variables: Any, calib: Any,
       key: PRNG key for stochastic rounding (per layer: ``fold_in(key, index)``).
       patch_fraction: fraction of conv patches (rows) kept per batch (seeded).
       block_size, damp, act_order: passed to ``quantize_from_stats``.
-      stats_dtype: dtype of H, G, F (float64 needs ``jax_enable_x64``).
+      stats_dtype: dtype of H, G, F and of the quantization arithmetic: float32, or float64
+        (needs ``jax.config.update("jax_enable_x64", True)``, else ValueError).
+      mesh: a ``jax.sharding.Mesh``, "auto" (one axis over all local devices) or None. With
+        a mesh, each calibration batch (when its size divides the device count) is split
+        over the devices for the forward passes, the statistics are accumulated
+        data-parallel, and each layer's neurons are split over the devices. The codes do
+        not depend on the device count (up to float summation order in the statistics).
     Returns: QuantizeResult.
     """
     start = time.perf_counter()
-    batches = calibration_batches(calib, batch_size)
+    _check_stats_dtype(stats_dtype)
+    mesh = resolve_mesh(mesh)
+    batches = Calibration(calib, batch_size)
     if apply_kwargs is None:
         apply_kwargs = default_apply_kwargs(model)
     target = _make_target(model, variables, dict(apply_kwargs))
-    follows = _checked_trace(target, batches[0])
-    layers = discover_layers(target.model, target.discover_vars, batches[0], **target.kwargs)
+    follows = _checked_trace(target, batches.first)
+    layers = discover_layers(target.model, target.discover_vars, batches.first, **target.kwargs)
     plans = plan_layers([layer.name for layer in layers], rules, spec, method)
     folded = []
     if fold_batchnorm:
-        folded = _fold(target, follows, layers, plans, batches[0])
+        folded = _fold(target, follows, layers, plans, batches.first)
     key = jax.random.PRNGKey(seed) if key is None else key
 
     records, skipped = [], []
@@ -270,13 +369,42 @@ def quantize_params(model: Any, variables: Any, calib: Any,
                     bias_correction=bias_correction, key=jax.random.fold_in(key, i),
                     seed=(seed * 1_000_003 + i) % 2**31, patch_fraction=patch_fraction,
                     block_size=block_size, damp=damp, act_order=act_order,
-                    stats_dtype=stats_dtype))
+                    stats_dtype=stats_dtype, mesh=mesh))
             bar.update(1)
     finally:
         bar.close()
     variables_out, model_out = target.result()
     return QuantizeResult(variables_out, model_out, records, skipped, folded, target.framework,
                           time.perf_counter() - start)
+
+
+def _check_stats_dtype(dtype: Any) -> None:
+    """float32 or float64 (the latter only with 64-bit JAX enabled)."""
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"stats_dtype must be float32 or float64, got {dt}")
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("stats_dtype=float64 needs 64-bit JAX: call "
+                         "jax.config.update('jax_enable_x64', True) at start-up (or set "
+                         "JAX_ENABLE_X64=1); without it JAX silently computes in float32")
+
+
+def _place(batch: Any, mesh: Mesh | None) -> Any:
+    """Split a calibration batch over the mesh's devices along its batch axis.
+
+    Single process: only when the batch size is a multiple of the device count (otherwise
+    the batch stays where it is; the statistics still split its rows). Several processes:
+    ``batch`` is this process's share and becomes one global array.
+    """
+    if mesh is None:
+        return batch
+    spec = PartitionSpec(tuple(mesh.axis_names), *([None] * (np.ndim(batch) - 1)))
+    sharding = NamedSharding(mesh, spec)
+    if jax.process_count() > 1:
+        return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
+    if batch.shape[0] % mesh.size:
+        return batch
+    return jax.device_put(batch, sharding)
 
 
 def _checked_trace(target: _Target, batch: Any) -> list[BNFollow]:
@@ -336,19 +464,20 @@ def _changed_outputs(a: Any, b: Any) -> float:
     return worst
 
 
-def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches: list,
+def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches: Calibration,
                     *, changed: bool, bias_correction: bool, key: jax.Array, seed: int,
                     patch_fraction: float, block_size: int | None, damp: float,
-                    act_order: bool, stats_dtype) -> LayerRecord:
+                    act_order: bool, stats_dtype, mesh: Mesh | None) -> LayerRecord:
     """Capture, accumulate, quantize and write back one layer."""
     capture = target.capturer(layer)
     acc = StatsAccumulator(math.prod(layer.kernel_shape[:-1]), _geometry(layer), stats_dtype,
-                           patch_fraction, seed)
+                           patch_fraction, seed, mesh=mesh)
     correct = bias_correction and layer.has_bias
     sum_x, sum_xq, count = 0.0, 0.0, 0
     t_cap = t_stats = t_first = 0.0
     for b in batches:
         t0 = time.perf_counter()
+        b = _place(b, mesh)
         x = jax.block_until_ready(capture(target.float_arg, b))
         xq = jax.block_until_ready(capture(target.quant_arg, b)) if changed else x
         t1 = time.perf_counter()
@@ -367,7 +496,7 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
     kernel = target.float_kernel(layer)
     t0 = time.perf_counter()
     r = quantize_from_stats(kernel, stats, plan.spec, plan.method, key=key,
-                            block_size=block_size, damp=damp, act_order=act_order)
+                            block_size=block_size, damp=damp, act_order=act_order, mesh=mesh)
     q = jax.block_until_ready(dequantize(r.codes, r.scale, r.offset, kernel.dtype))
     t_quant = time.perf_counter() - t0
     target.set_kernel(layer, q)
@@ -543,4 +672,4 @@ def _make_target(model: Any, variables: Any, kwargs: dict) -> _Target:
 
 
 __all__ = ["quantize_params", "QuantizeResult", "LayerRecord", "SummaryTable", "dequantize",
-           "calibration_batches", "default_apply_kwargs", "bias_shift"]
+           "calibration_batches", "Calibration", "default_apply_kwargs", "bias_shift"]
