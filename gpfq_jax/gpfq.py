@@ -77,9 +77,16 @@ def gpfq_data_form(w: jax.Array, x: jax.Array, x_quant: jax.Array, delta: jax.Ar
 
 
 def default_block_size(n: int) -> int:
-    """About 16 column blocks, each a multiple of 32 columns, at least 128 (at most N)."""
+    """One block up to 512 features; above, about 16 blocks of a multiple of 64, at least 256.
+
+    Each block is unrolled at trace time (compile time grows with their number) while the
+    work inside a block is a memory-bound scan; measured on 2 CPU cores (benchmarks/
+    layer_speed.py), 256-512 columns per block is fastest for N = 4096.
+    """
+    if n <= 512:
+        return max(1, n)
     per_block = -(-n // 16)
-    return max(1, min(n, max(128, -(-per_block // 32) * 32)))
+    return min(n, max(256, -(-per_block // 64) * 64))
 
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "block_size", "sparsity"))
@@ -93,8 +100,8 @@ def gpfq_gram_form(w: jax.Array, hess: jax.Array, cross: jax.Array, delta: jax.A
     of ``block_size``: for block [s, e) the contribution of every earlier column is one
     product ``[G[s:e, :s], -H[s:e, :s]] @ [W[:s]; Q[:s]]`` (left-looking, so the total work is
     the lower triangle only, N^2 N_out multiply-adds); inside a block a ``lax.scan`` over its
-    columns adds the within-block terms. Blocks are unrolled at trace time (about 16 by
-    default); there is no Python loop over features or neurons.
+    columns adds the within-block terms. Blocks are unrolled at trace time (at most about
+    16 by default); there is no Python loop over features or neurons.
 
     Args as ``gpfq_data_form`` with ``hess``, ``cross`` in place of the data.
     Returns: (N, N_out) integer codes (float dtype).

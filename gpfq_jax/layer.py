@@ -20,7 +20,7 @@ from gpfq_jax.alphabets import QuantSpec, as_spec, codes_to_values, describe, st
 from gpfq_jax.baselines import gptq_codes, rtn_codes
 from gpfq_jax.gpfq import gpfq_gram_form
 from gpfq_jax.sharding import replicate, resolve_mesh, shard_along
-from gpfq_jax.stats import LayerStats, output_error_sq, stats_from_data
+from gpfq_jax.stats import LayerStats, error_given_terms, error_terms, stats_from_data
 
 METHODS = ("gpfq", "rtn", "gptq")
 
@@ -152,6 +152,7 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
         uniform = None if uniform is None else shard_along(uniform, mesh, -1)
         stats = replicate(stats, mesh)
     multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
+    terms = error_terms(stats, w_g)                          # Q-independent, once per layer
     best = None
     for mult in multipliers:
         c = spec.c * mult
@@ -162,8 +163,8 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
         codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, damp,
                               act_order)
         q_g = codes_to_values(codes, delta_g[:, None, :], spec.alphabet)
-        err, ref = output_error_sq(stats, w_g, q_g)          # (g, n)
-        codes, err, ref = codes[..., :n_cols], err[..., :n_cols], ref[..., :n_cols]
+        err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]   # (g, n)
+        codes = codes[..., :n_cols]
         cand = (codes, err, jnp.full(err.shape, c, dtype))
         if best is None:
             best = cand
@@ -175,6 +176,7 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
             best = tuple(jnp.where(better[:, None, :] if b.ndim == 3 else better, c_, b)
                          for c_, b in zip(cand, best))
     codes, err, c_g = best
+    ref = terms.ref[..., :n_cols]
     c_out = c_g.reshape(-1)
     delta = step_size(mat, spec, c_out if spec.channelwise else c_out[0])
     q = codes_to_values(_ungrouped(codes, mat.shape), delta, spec.alphabet)
