@@ -35,7 +35,7 @@ from gpfq_jax.calls import BNFollow, InputShapeError, trace_bn_follows
 from gpfq_jax.capture import LayerInfo, discover_layers, make_input_capturer, set_kernel
 from gpfq_jax.layer import quantize_from_stats
 from gpfq_jax.rules import LayerPlan, plan_layers
-from gpfq_jax.sharding import resolve_mesh
+from gpfq_jax.sharding import replicate, resolve_mesh
 from gpfq_jax.stats import ConvGeometry, StatsAccumulator
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -475,11 +475,15 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
     correct = bias_correction and layer.has_bias
     sum_x, sum_xq, count = 0.0, 0.0, 0
     t_cap = t_stats = t_first = 0.0
+    float_arg, quant_arg = target.float_arg, target.quant_arg
+    if mesh is not None:  # the models on every device, once per layer (not per batch)
+        float_arg = replicate(float_arg, mesh)
+        quant_arg = replicate(quant_arg, mesh) if changed else float_arg
     for b in batches:
         t0 = time.perf_counter()
         b = _place(b, mesh)
-        x = jax.block_until_ready(capture(target.float_arg, b))
-        xq = jax.block_until_ready(capture(target.quant_arg, b)) if changed else x
+        x = jax.block_until_ready(capture(float_arg, b))
+        xq = jax.block_until_ready(capture(quant_arg, b)) if changed else x
         t1 = time.perf_counter()
         acc.update(x, xq)
         if correct:  # mean input rows (all rows, not subsampled): (g, N)
