@@ -175,3 +175,80 @@ def test_mesh_auto_on_local_devices_and_bad_mesh():
         np.testing.assert_array_equal(a.codes, b.codes)
     with pytest.raises(ValueError, match="mesh must be"):
         gq.quantize_params(model, v, batches, progress=False, mesh="all")
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+MULTIPROCESS_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh
+    import gpfq_jax as gq
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(16)(x)))
+
+    x = np.random.default_rng(0).standard_normal((48, 16)).astype(np.float32)
+    model = MLP()
+    v = model.init(jax.random.PRNGKey(1), x[:1])
+    mesh = Mesh(np.array(jax.devices()), ("devices",))      # global: 2 processes x 2 devices
+    batches = [x[i:i + 16] for i in range(0, 48, 16)]
+    local = [b[8 * pid:8 * (pid + 1)] for b in batches]    # this process's share of each batch
+    res = gq.quantize_params(model, v, lambda: iter(local), mesh=mesh, progress=False,
+                             stats_dtype=jnp.float64)
+    codes = [np.asarray(multihost_utils.process_allgather(r.codes, tiled=True))
+             for r in res.layers]
+    out = {"processes": jax.process_count(), "devices": jax.device_count(),
+           "rows": [r.rows for r in res.layers]}
+    if pid == 0:  # the single-process reference, on this process's devices
+        ref = gq.quantize_params(model, v, batches, progress=False, stats_dtype=jnp.float64)
+        out["equal"] = [bool(np.array_equal(c, r.codes)) for c, r in zip(codes, ref.layers)]
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_global_mesh_equal_single_process(tmp_path):
+    """Multi-host path on one machine: 2 processes x 2 CPU devices, each feeding its half of
+    every batch (jax.distributed + gloo collectives) -> the single-process codes."""
+    script = tmp_path / "multiprocess.py"
+    script.write_text(MULTIPROCESS_SCRIPT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + " --xla_force_host_platform_device_count=2").strip())
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    res = [json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+           for out in outs]
+    for r in res:
+        assert (r["processes"], r["devices"], r["rows"]) == (2, 4, [48, 48])
+    assert res[0]["equal"] == [True, True]
