@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.val_size = 5000
     c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
     c.checkpoints_to_keep = 3
+    # quantize.py: no committed checkpoint; <workdir>/float, trained there first if missing.
+    c.float_checkpoint = ml_collections.config_dict.placeholder(str)
+    c.train_if_missing = True
 
     c.quant = ml_collections.ConfigDict()
     c.quant.calib_size = 5000
@@ -31,6 +34,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.methods = ("gpfq", "rtn", "gptq")
     c.quant.bits = ("ternary", 2, 3, 4)
     c.quant.grids = ("int",)
-    c.quant.scale = "search"
-    c.quant.per_channel = True
+    # Besides grids x bits, these (grid, bits) pairs are run for every method.
+    c.quant.extra_runs = ()
+    c.quant.scale = "search"  # c chosen per layer from the calibration statistics
+    c.quant.c = 1.0  # centre of the search (or the constant itself for a fixed rule)
+    # None: the grid's default (per channel for int/int_full, per layer for ls/zzs)
+    c.quant.per_channel = ml_collections.config_dict.placeholder(bool)
+    # A tuple of c values: the grid's base rule with the c of best VALIDATION accuracy.
+    c.quant.c_grid_val = ml_collections.config_dict.placeholder(tuple)
+    c.quant.seed = 0  # calibration draw from the training split
+    c.quant.fold_batchnorm = False
+    c.quant.bias_correction = False
+    c.quant.save_quantized = True
     return c
