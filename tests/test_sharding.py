@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -24,6 +25,18 @@ import pytest
 import gpfq_jax as gq
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(tempfile.gettempdir()) / "gpfq_jax_test_compile_cache"
+
+
+def _subprocess_env(devices: int) -> dict:
+    """CPU-only, ``devices`` simulated devices, JAX's persistent compilation cache (it is
+    keyed by program, options and versions, and makes repeated runs much faster)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_force_host_platform_device_count={devices}").strip(),
+                JAX_COMPILATION_CACHE_DIR=str(CACHE),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 SHARDED_SCRIPT = textwrap.dedent('''
     import json
@@ -75,10 +88,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def sharded_result() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_force_host_platform_device_count=4").strip())
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=_subprocess_env(4),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
@@ -230,9 +240,7 @@ def test_two_processes_global_mesh_equal_single_process(tmp_path):
     every batch (jax.distributed + gloo collectives) -> the single-process codes."""
     script = tmp_path / "multiprocess.py"
     script.write_text(MULTIPROCESS_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_force_host_platform_device_count=2").strip())
+    env = _subprocess_env(2)
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
