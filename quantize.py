@@ -162,7 +162,8 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
         "float": {"val_accuracy": evaluate(variables, "val"),
                   "test_accuracy": evaluate(variables, "test")},
         "calibration": {"size": int(q.calib_size), "seed": seed, "split": "train",
-                        "batch_size": q.calib_batch_size, "pool": len(ds.x_train)},
+                        "batch_size": q.calib_batch_size, "pool": len(ds.x_train),
+                        "patch_fraction": q.get("patch_fraction", 1.0)},
         "c_selection": (f"best validation accuracy over c in {list(c_grid)}" if c_grid
                         else f"scale={q.scale!r} (search: chosen per layer from its "
                              "calibration statistics)" if q.scale == "search"
@@ -176,8 +177,14 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
     logging.info("float: %s", results["float"])
     options = {"batch_size": q.calib_batch_size, "progress": False,
                "fold_batchnorm": q.get("fold_batchnorm", False),
-               "bias_correction": q.get("bias_correction", False), "seed": seed}
+               "bias_correction": q.get("bias_correction", False), "seed": seed,
+               "patch_fraction": results["calibration"]["patch_fraction"]}
+    done: dict[ex.Run, dict] = {}
     for run in tqdm(runs, desc="runs", unit="run", dynamic_ncols=True):
+        twin = ex.same_alphabet(run, done)
+        if twin is not None:
+            results["runs"].append(ex.reused_record(done[twin], run))
+            continue
         try:
             record, res = ex.execute_run(
                 run, ex.quantizer(model, variables, calib, run.method, **options), evaluate,
@@ -187,6 +194,7 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
                 record["checkpoint"] = str(save_run(workdir, run.name, res))
             logging.info("%s: val %s test %.4f (%.1f s)", run.name, record["val_accuracy"],
                          record["test_accuracy"], record["seconds"]["total"])
+            done[run] = record
         except Exception as e:  # keep going; the failure is recorded in the results
             logging.exception("run %s failed", run.name)
             record = {"name": run.name, "method": run.method, "grid": run.grid,

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     # A tuple of c values: the grid's base rule with the c of best VALIDATION accuracy.
     c.quant.c_grid_val = ml_collections.config_dict.placeholder(tuple)
     c.quant.seed = 0  # calibration draw from the training split
+    c.quant.patch_fraction = 1.0  # fraction of rows (conv patches) kept per calibration batch
     c.quant.fold_batchnorm = False
     c.quant.bias_correction = False
     c.quant.save_quantized = True

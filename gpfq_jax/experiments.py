@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.alphabets import QuantSpec, describe
+from gpfq_jax.alphabets import QuantSpec, describe, make_alphabet
 from gpfq_jax.layer import quantize_from_stats
 from gpfq_jax.quantize_model import QuantizeResult, quantize_params
 from gpfq_jax.stats import stats_from_data
@@ -77,6 +77,19 @@ def _bits(b: Any) -> Bits:
 def bits_x(bits: Bits) -> float:
     """Position of a bit width on a numeric axis (ternary: log2 3)."""
     return TERNARY_X if bits == "ternary" else float(bits)
+
+
+def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
+    """An earlier run of the same method and grid with the same alphabet (the "int" grid at
+    2 bits is ternary), whose result ``run`` can reuse; None if there is none."""
+    alphabet = make_alphabet(run.bits, run.grid)
+    return next((e for e in earlier if (e.method, e.grid) == (run.method, run.grid)
+                 and make_alphabet(e.bits, e.grid) == alphabet), None)
+
+
+def reused_record(record: dict, run: Run) -> dict:
+    """``record`` of an identical earlier run, renamed to ``run`` and marked ``same_as``."""
+    return {**record, "name": run.name, "bits": run.bits, "same_as": record["name"]}
 
 
 def make_spec(run: Run, scale: str | None, c: float = 1.0,
@@ -208,6 +221,10 @@ def runs_table(results: dict) -> str:
         if "error" in r:
             lines.append(_md_row([r["name"], f"FAILED: {r['error']}", *[""] * (len(head) - 2)]))
             continue
+        if "same_as" in r:
+            lines.append(_md_row([r["name"], f"same alphabet as {r['same_as']}: reused",
+                                  *[""] * (len(head) - 2)]))
+            continue
         s = r["seconds"]
         errs = " / ".join(f"{lay['rel_error']:.3f}" for lay in r["layers"])
         c = " / ".join(f"{lay['c']:.2f}" for lay in r["layers"])
@@ -224,7 +241,7 @@ def _md_row(cells: Sequence[Any]) -> str:
 def results_markdown(results: dict) -> str:
     """The readable report of a whole-model experiment (``results.md``)."""
     f, cal = results["float"], results["calibration"]
-    runs = _ok(results["runs"])
+    runs = [r for r in _ok(results["runs"]) if "same_as" not in r]
     total = sum(r["seconds"]["total"] for r in runs)
     lines = [
         f"# {results['model']} on {results['dataset']}: post-training quantization",
@@ -232,8 +249,10 @@ def results_markdown(results: dict) -> str:
         f"Dataset: {results['dataset_source']}",
         f"Float checkpoint: `{results['float_checkpoint']}`",
         f"Calibration: {cal['size']} images from the {cal['split']} split "
-        f"(seed {cal['seed']}, batches of {cal['batch_size']}); step constant: "
-        f"{results['c_selection']}.",
+        f"(seed {cal['seed']}, batches of {cal['batch_size']}"
+        + (f", {cal['patch_fraction']:.0%} of conv patches" if cal.get("patch_fraction", 1) < 1
+           else "")
+        + f"); step constant: {results['c_selection']}.",
         f"Float accuracy: test {_pct(f['test_accuracy'])}%, val {_pct(f.get('val_accuracy'))}%.",
         "",
         "## Test accuracy (%)",
@@ -254,9 +273,10 @@ def results_markdown(results: dict) -> str:
         f"Total quantization time: {total:.1f} s over {len(runs)} runs "
         f"(wall time of the whole script: {results.get('seconds_total', 0):.0f} s).",
     ]
-    if any(r["grid"] == "int" and r["bits"] == 2 for r in runs):
+    if any("same_as" in r for r in results["runs"]):
         lines += ["", "Note: the \"int\" grid at 2 bits is {-1, 0, 1} x step, the same alphabet "
-                      "as ternary; \"int_full\" 2-bit has the 4 levels {-2, -1, 0, 1} x step."]
+                      "as ternary (its row repeats the ternary run); \"int_full\" 2-bit has the "
+                      "4 levels {-2, -1, 0, 1} x step."]
     failed = [r for r in results["runs"] if "error" in r]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed: " + ", ".join(r["name"] for r in failed)]
@@ -327,7 +347,7 @@ def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
 def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
     """Per-layer relative error, one panel per (grid, bits), one line per method."""
     plt = _pyplot()
-    runs = _ok(results["runs"])
+    runs = [r for r in _ok(results["runs"]) if "same_as" not in r]
     panels = sorted(dict.fromkeys((r["grid"], r["bits"]) for r in runs),
                     key=lambda p: (p[0] != "int", p[0], _bits_key(p[1])))
     ncols = min(len(panels), 3)
@@ -505,7 +525,8 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "Run", "run_grid", "make_spec", "bits_x", "calibration_indices", "calibration_images",
+    "Run", "run_grid", "same_alphabet", "reused_record", "make_spec", "bits_x",
+    "calibration_indices", "calibration_images",
     "execute_run", "quantizer", "run_summary", "accuracy_table", "runs_table",
     "results_markdown", "write_text_atomic", "save_figure_atomic", "plot_accuracy_vs_bits",
     "plot_layer_errors", "gaussian_layer", "loglog_slope", "width_sweep",

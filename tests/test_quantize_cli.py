@@ -99,6 +99,17 @@ def test_run_grid_product_extras_and_names():
     assert ex.bits_x("ternary") == pytest.approx(np.log2(3)) and ex.bits_x(4) == 4.0
 
 
+def test_same_alphabet_reuses_int_2bit_as_ternary():
+    tern, two, full2, ls2 = (ex.Run("gpfq", "int", "ternary"), ex.Run("gpfq", "int", 2),
+                             ex.Run("gpfq", "int_full", 2), ex.Run("gpfq", "ls", 2))
+    assert ex.same_alphabet(two, [tern]) == tern
+    assert ex.same_alphabet(two, [ex.Run("rtn", "int", "ternary")]) is None
+    assert ex.same_alphabet(full2, [tern]) is None and ex.same_alphabet(ls2, [tern]) is None
+    rec = ex.reused_record({"name": tern.name, "bits": "ternary", "test_accuracy": 0.9}, two)
+    assert rec == {"name": "gpfq_int_2", "bits": 2, "test_accuracy": 0.9,
+                   "same_as": "gpfq_int_ternary"}
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -117,6 +128,7 @@ def toy_results() -> dict:
             "float": {"test_accuracy": 0.9849, "val_accuracy": 0.985},
             "runs": [run("gpfq", "int", 3, 0.98), run("gpfq", "int", "ternary", 0.9712),
                      run("rtn", "int", 3, 0.97),
+                     {**run("gpfq", "int", 2, 0.9712), "same_as": "gpfq_int_ternary"},
                      {"name": "rtn_int_ternary", "method": "rtn", "grid": "int",
                       "bits": "ternary", "error": "ValueError: boom"}],
             "seconds_total": 9.0}
@@ -124,11 +136,11 @@ def toy_results() -> dict:
 
 def test_accuracy_table_format():
     assert ex.accuracy_table(toy_results()) == "\n".join([
-        "| method | ternary | 3-bit |",
-        "| --- | --- | --- |",
-        "| float | 98.49 | 98.49 |",
-        "| GPFQ int | 97.12 | 98.00 |",
-        "| RTN int | - | 97.00 |",
+        "| method | ternary | 2-bit | 3-bit |",
+        "| --- | --- | --- | --- |",
+        "| float | 98.49 | 98.49 | 98.49 |",
+        "| GPFQ int | 97.12 | 97.12 | 98.00 |",
+        "| RTN int | - | - | 97.00 |",
     ])
 
 
@@ -138,10 +150,11 @@ def test_runs_table_and_markdown_report_failures(tmp_path):
     assert table[2] == ("| gpfq_int_3 | 3 | 2 | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
                         "2.0 | 0.5 | 0.2 | 1.2 |")
     assert "FAILED: ValueError: boom" in table[-1]
+    assert "| gpfq_int_2 | same alphabet as gpfq_int_ternary: reused |" in table[-2]
     md = ex.results_markdown(res)
     for part in ("## Test accuracy (%)", "## Validation accuracy (%)", "## Runs",
                  "100 images from the train split", "1 run(s) failed: rtn_int_ternary",
-                 "Total quantization time: 6.0 s over 3 runs"):
+                 "Total quantization time: 6.0 s over 3 runs", "repeats the ternary run"):
         assert part in md, part
     ex.plot_accuracy_vs_bits(res, tmp_path / "a.png")
     ex.plot_layer_errors(res, tmp_path / "b.png")
@@ -254,7 +267,8 @@ def test_cli_writes_results_plots_and_checkpoints(cli_run):
     assert (workdir / "float" / "_CHECKPOINT_METADATA").exists()  # trained first
     res = json.loads((workdir / "results.json").read_text())
     assert res["complete"] and res["calibration"] == {
-        "size": 200, "seed": 0, "split": "train", "batch_size": 100, "pool": 59500}
+        "size": 200, "seed": 0, "split": "train", "batch_size": 100, "pool": 59500,
+        "patch_fraction": 1.0}
     assert "MNIST" in res["dataset_source"] and res["config"]["quant"]["calib_size"] == 200
     assert 0.1 < res["float"]["test_accuracy"] <= 1 and res["float"]["val_accuracy"] is not None
     assert [r["name"] for r in res["runs"]] == ["gpfq_int_3", "gpfq_int_4"]
