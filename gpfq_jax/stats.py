@@ -177,6 +177,15 @@ def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array) -> Lay
                       stats.gram + prod(r, r), stats.count + rows.shape[0])
 
 
+@jax.jit
+def accumulate_same(stats: LayerStats, rows: jax.Array) -> LayerStats:
+    """``accumulate(stats, rows, rows)`` with one product: when X~ = X, H = G = F."""
+    r = jnp.swapaxes(rows.astype(stats.hess.dtype), 0, 1)
+    p = jnp.einsum("gmi,gmj->gij", r, r, precision=HIGHEST)
+    return LayerStats(stats.hess + p, stats.cross + p, stats.gram + p,
+                      stats.count + rows.shape[0])
+
+
 def stats_from_data(x: jax.Array, x_quant: jax.Array | None = None,
                     dtype=jnp.float32) -> LayerStats:
     """Statistics of one Dense problem from whole data matrices x, x_quant (m, N)."""
@@ -218,10 +227,12 @@ class StatsAccumulator:
 
     def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> StatsAccumulator:
         """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
+        same = x_quant is None or x_quant is x   # first layer: one product instead of three
         xq = x if x_quant is None else x_quant
         if tuple(x.shape) != tuple(xq.shape):
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
-        r, rq = self.rows(x), self.rows(xq)
+        r = self.rows(x)
+        rq = r if same else self.rows(xq)
         if self.patch_fraction < 1:
             key = jax.random.fold_in(self._key, self._batches)
             both = subsample_rows(jnp.stack([r, rq], 1), self.patch_fraction, key)
@@ -229,7 +240,7 @@ class StatsAccumulator:
         count = r.shape[0]
         if self.mesh is not None:  # zero rows pad to the device count and add nothing
             r, rq = shard_along(r, self.mesh, 0), shard_along(rq, self.mesh, 0)
-        new = accumulate(self.stats, r, rq)
+        new = accumulate_same(self.stats, r) if same else accumulate(self.stats, r, rq)
         self.stats = new._replace(count=self.stats.count + count)
         self._batches += 1
         return self
