@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.val_size = 5000
     c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
     c.checkpoints_to_keep = 3
-    # quantize.py: the float model (from train.py, with its train_summary.json; to be
-    # committed once trained). Missing: <workdir>/float, else an error naming train.py.
+    # quantize.py: the float model (committed; from train.py, see its train_summary.json).
+    # Missing: <workdir>/float, else an error naming the train.py command.
     c.float_checkpoint = "checkpoints/cifar10_resnet20"
     c.train_if_missing = False
 
