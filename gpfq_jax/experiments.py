@@ -167,6 +167,7 @@ def execute_run(run: Run, quantize: Callable[[QuantSpec], QuantizeResult],
               "wall_seconds": time.perf_counter() - start}
     if curve is not None:
         record["c_val_curve"] = curve
+        record["seconds"]["c_selection"] = sum(p["seconds"] for p in curve)
     return record, res
 
 
@@ -242,7 +243,8 @@ def results_markdown(results: dict) -> str:
     """The readable report of a whole-model experiment (``results.md``)."""
     f, cal = results["float"], results["calibration"]
     runs = [r for r in _ok(results["runs"]) if "same_as" not in r]
-    total = sum(r["seconds"]["total"] for r in runs)
+    total = sum(r["seconds"].get("c_selection", r["seconds"]["total"]) for r in runs)
+    c_grid = any("c_selection" in r["seconds"] for r in runs)
     lines = [
         f"# {results['model']} on {results['dataset']}: post-training quantization",
         "",
@@ -271,7 +273,8 @@ def results_markdown(results: dict) -> str:
         runs_table(results),
         "",
         f"Total quantization time: {total:.1f} s over {len(runs)} runs "
-        f"(wall time of the whole script: {results.get('seconds_total', 0):.0f} s).",
+        + ("(every c tried on validation counted) " if c_grid else "")
+        + f"(wall time of the whole script: {results.get('seconds_total', 0):.0f} s).",
     ]
     if any("same_as" in r for r in results["runs"]):
         lines += ["", "Note: the \"int\" grid at 2 bits is {-1, 0, 1} x step, the same alphabet "

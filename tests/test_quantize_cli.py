@@ -202,7 +202,7 @@ def test_execute_run_selects_c_on_validation_only():
     assert [p["c"] for p in record["c_val_curve"]] == [0.5, 2.0, 4.0]
     assert [layer["c"] for layer in record["layers"]] == [2.0, 2.0]
     assert record["test_accuracy"] == 0.5 and record["val_accuracy"] == 1.0
-    assert set(record["seconds"]) == {"total", "capture", "stats", "quant"}
+    assert set(record["seconds"]) == {"total", "capture", "stats", "quant", "c_selection"}
     assert (record["levels"], record["storage_bits"], record["per_channel"]) == (7, 3, True)
 
     calls.clear()
