@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -169,7 +170,7 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
                              "calibration statistics)" if q.scale == "search"
                         else f"scale={q.scale!r}, c={q.get('c', 1.0)}"),
         "runs": [], "complete": False,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "jax": jax.__version__, "backend": jax.default_backend()},
         "config": config.to_dict(),
@@ -219,7 +220,7 @@ def width_sweep_experiment(config: ConfigDict, workdir: Path) -> dict:
                             tuple(s.methods), max_width)
     result["tail_slope"] = ex.tail_slopes(result, s.m)
     result.update(seconds_total=time.time() - t_start, config=config.to_dict(),
-                  command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+                  command=shlex.join([os.path.basename(sys.executable), *sys.argv]),
                   machine={"cpus": os.cpu_count(), "jax": jax.__version__})
     tr.write_json_atomic(workdir / "width_sweep.json", result)
     ex.write_text_atomic(workdir / "width_sweep.md", ex.width_sweep_markdown(result))

@@ -101,6 +101,18 @@ def make_spec(run: Run, scale: str | None, c: float = 1.0,
 # --------------------------------------------------------------------------- one run
 
 
+_LAYER_KEYS = ("layer", "kind", "shape", "rel_error", "rows", "bias_corrected", "seconds",
+               "capture_seconds", "stats_seconds", "quant_seconds")
+
+
+def _c_summary(c: Any) -> dict[str, Any]:
+    """The step constant: ``c`` (its mean when chosen per channel) and ``c_range`` [min, max]."""
+    c = np.asarray(c, np.float64)
+    if c.ndim == 0:
+        return {"c": float(c)}
+    return {"c": float(c.mean()), "c_range": [float(c.min()), float(c.max())]}
+
+
 def run_summary(res: QuantizeResult) -> dict[str, Any]:
     """Per-layer records and the capture/stats/quant time split of a quantize_params result."""
     layers = [{**{k: v for k, v in r.summary().items() if k in _LAYER_KEYS}, **_c_summary(r.c)}
@@ -118,18 +130,6 @@ def run_summary(res: QuantizeResult) -> dict[str, Any]:
         "skipped": list(res.skipped),
         "folded": [list(f) for f in res.folded],
     }
-
-
-_LAYER_KEYS = ("layer", "kind", "shape", "rel_error", "rows", "bias_corrected", "seconds",
-               "capture_seconds", "stats_seconds", "quant_seconds")
-
-
-def _c_summary(c: Any) -> dict[str, Any]:
-    """The step constant: ``c`` (its mean when chosen per channel) and ``c_range`` [min, max]."""
-    c = np.asarray(c, np.float64)
-    if c.ndim == 0:
-        return {"c": float(c)}
-    return {"c": float(c.mean()), "c_range": [float(c.min()), float(c.max())]}
 
 
 def execute_run(run: Run, quantize: Callable[[QuantSpec], QuantizeResult],
@@ -155,6 +155,8 @@ def execute_run(run: Run, quantize: Callable[[QuantSpec], QuantizeResult],
         for cv in c_grid_val:
             cand = quantize(make_spec(run, rule, float(cv), per_channel))
             acc = evaluate(cand.variables, "val")
+            if acc is None:
+                raise ValueError("c_grid_val needs a validation split (val_size > 0)")
             curve.append({"c": float(cv), "val_accuracy": acc,
                           "seconds": cand.seconds})
             if best is None or acc > best[1]:
@@ -192,15 +194,11 @@ def _ok(runs: Iterable[dict]) -> list[dict]:
     return [r for r in runs if "error" not in r]
 
 
-def _bits_key(bits: Bits) -> float:
-    return bits_x(bits)
-
-
 def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
     """Markdown table: one row per (method, grid), one column per bit width, cells = accuracy
     in percent; a float row on top ("-" where a run is missing or failed)."""
     runs = _ok(results["runs"])
-    cols = sorted({r["bits"] for r in runs}, key=_bits_key)
+    cols = sorted({r["bits"] for r in runs}, key=bits_x)
     rows = list(dict.fromkeys((r["method"], r["grid"]) for r in runs))
     cell = {(r["method"], r["grid"], r["bits"]): r[key] for r in runs}
     fl = results["float"].get(key)
@@ -337,7 +335,7 @@ def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
                 linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")
     ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--",
                label="float")
-    xs = sorted({r["bits"] for r in runs}, key=_bits_key)
+    xs = sorted({r["bits"] for r in runs}, key=bits_x)
     ax.set_xticks([bits_x(b) for b in xs], ["tern." if b == "ternary" else str(b) for b in xs])
     ax.set_xlabel("bits")
     ax.set_ylabel("test accuracy (%)")
@@ -352,7 +350,7 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
     plt = _pyplot()
     runs = [r for r in _ok(results["runs"]) if "same_as" not in r]
     panels = sorted(dict.fromkeys((r["grid"], r["bits"]) for r in runs),
-                    key=lambda p: (p[0] != "int", p[0], _bits_key(p[1])))
+                    key=lambda p: (p[0] != "int", p[0], bits_x(p[1])))
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
