@@ -5,46 +5,10 @@ python train.py --config=configs/default.py --workdir=workdirs/default
 
 import ml_collections
 
+from gpfq_jax.config_defaults import experiment
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.dataset = "mnist"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # None -> $GPFQ_DATA_DIR
-    c.model = ml_collections.ConfigDict({"name": "mlp", "kwargs": {"features": (500, 300)}})
-    c.seed = 0
-    c.batch_size = 128
-    c.eval_batch_size = 1000
-    c.num_epochs = 3
-    c.optimizer = "adamw"  # "adamw" | "sgd"
-    c.learning_rate = 1e-3
-    c.momentum = 0.9  # sgd only
-    c.weight_decay = 1e-4
-    c.warmup_epochs = 0.0
-    c.augment = False
-    c.val_size = 5000
-    c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
-    c.checkpoints_to_keep = 3
-    # quantize.py: no committed checkpoint; <workdir>/float, trained there first if missing.
-    c.float_checkpoint = ml_collections.config_dict.placeholder(str)
-    c.train_if_missing = True
-
-    c.quant = ml_collections.ConfigDict()
-    c.quant.calib_size = 5000
-    c.quant.calib_batch_size = 1000
-    c.quant.methods = ("gpfq", "rtn", "gptq")
-    c.quant.bits = ("ternary", 2, 3, 4)
-    c.quant.grids = ("int",)
-    # Besides grids x bits, these (grid, bits) pairs are run for every method.
-    c.quant.extra_runs = ()
-    c.quant.scale = "search"  # c chosen per layer from the calibration statistics
-    c.quant.c = 1.0  # centre of the search (or the constant itself for a fixed rule)
-    # None: the grid's default (per channel for int/int_full, per layer for ls/zzs)
-    c.quant.per_channel = ml_collections.config_dict.placeholder(bool)
-    # A tuple of c values: the grid's base rule with the c of best VALIDATION accuracy.
-    c.quant.c_grid_val = ml_collections.config_dict.placeholder(tuple)
-    c.quant.seed = 0  # calibration draw from the training split
-    c.quant.patch_fraction = 1.0  # fraction of rows (conv patches) kept per calibration batch
-    c.quant.fold_batchnorm = False
-    c.quant.bias_correction = False
-    c.quant.save_quantized = True
-    return c
+    # No committed checkpoint: <workdir>/float, trained there first (3 epochs) if missing.
+    return experiment("mnist", "mlp", {"features": (500, 300)}, num_epochs=3,
+                      train_if_missing=True, quant_overrides={"calib_batch_size": 1000})

@@ -1,0 +1,70 @@
+"""Shared defaults of the experiment configs in configs/ (big_vision style: configs as code).
+
+Each config file calls ``experiment(...)`` with what makes it different; everything else, and
+what each field means, is defined once here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def quant(**overrides: Any) -> ml_collections.ConfigDict:
+    """The ``quant`` sub-config read by quantize.py."""
+    q = ml_collections.ConfigDict()
+    q.calib_size = 5000
+    q.calib_batch_size = 500
+    q.methods = ("gpfq", "rtn", "gptq")
+    q.bits = ("ternary", 2, 3, 4)
+    q.grids = ("int",)
+    # Besides grids x bits, these (grid, bits) pairs are run for every method.
+    q.extra_runs = ()
+    q.scale = "search"  # c chosen per layer from the calibration statistics
+    q.c = 1.0  # centre of the search (or the constant itself for a fixed rule)
+    # None: the grid's default (per channel for int/int_full, per layer for ls/zzs)
+    q.per_channel = config_dict.placeholder(bool)
+    # A tuple of c values: the grid's base rule with the c of best VALIDATION accuracy.
+    q.c_grid_val = config_dict.placeholder(tuple)
+    q.seed = 0  # calibration draw from the training split
+    # Fraction of rows kept per calibration batch for the statistics: 1.0 uses every conv
+    # patch; the SIMODS code kept 0.25 of them (about 2x faster here, but the driver then
+    # also subsamples the Dense layers' rows).
+    q.patch_fraction = 1.0
+    q.fold_batchnorm = False
+    q.bias_correction = False
+    q.save_quantized = True
+    q.update(overrides)
+    return q
+
+
+def experiment(dataset: str, model: str, model_kwargs: dict, *,
+               quant_overrides: dict | None = None, **overrides: Any) -> ml_collections.ConfigDict:
+    """A train.py + quantize.py config: defaults (AdamW MLP training) updated by ``overrides``."""
+    c = ml_collections.ConfigDict()
+    c.dataset = dataset
+    c.data_dir = config_dict.placeholder(str)  # None -> $GPFQ_DATA_DIR (then tfds)
+    c.model = ml_collections.ConfigDict({"name": model, "kwargs": model_kwargs})
+    c.seed = 0
+    c.batch_size = 128
+    c.eval_batch_size = 1000
+    c.num_epochs = 20
+    c.optimizer = "adamw"  # "adamw" | "sgd"
+    c.learning_rate = 1e-3
+    c.momentum = 0.9  # sgd only
+    c.weight_decay = 1e-4
+    c.warmup_epochs = 0.0
+    c.augment = False  # random crop (4 px) + horizontal flip; CIFAR only
+    c.val_size = 5000
+    c.limit_train = config_dict.placeholder(int)  # None: all
+    c.checkpoints_to_keep = 3
+    # quantize.py: the float model (committed; from train.py, see its train_summary.json).
+    # None or missing: <workdir>/float, trained there first if train_if_missing, else an
+    # error naming the train.py command.
+    c.float_checkpoint = config_dict.placeholder(str)
+    c.train_if_missing = False
+    c.update(overrides)
+    c.quant = quant(**(quant_overrides or {}))
+    return c
