@@ -25,39 +25,9 @@ this file; training on ImageNet is not intended here.
 
 import ml_collections
 
+from gpfq_jax.config_defaults import imagenet
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """``variant``: "" (the paper's setting) or "quick" (256 calibration images)."""
-    if variant not in ("", "quick"):
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'quick'")
-    c = ml_collections.ConfigDict()
-    c.dataset = "imagenet2012"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (manual_dir inside)
-    c.weights = ml_collections.config_dict.placeholder(str)  # Flax checkpoint; None: random init
-    c.image_size = 224  # center crop after resizing the short side to 256
-    c.model = ml_collections.ConfigDict({"name": "resnet50", "kwargs": {}})
-    c.seed = 0
-    c.batch_size = 256
-    c.eval_batch_size = 250
-    c.num_epochs = 90
-    c.optimizer = "sgd"  # "adamw" | "sgd"
-    c.learning_rate = 0.1
-    c.momentum = 0.9  # sgd only
-    c.weight_decay = 1e-4
-    c.warmup_epochs = 0.0
-    c.augment = False
-    c.val_size = 0
-    c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
-    c.checkpoints_to_keep = 3
-
-    c.quant = ml_collections.ConfigDict()
-    # m = 2048 as for ResNet-18 in the SIMODS paper; 256 for the quick run.
-    c.quant.calib_size = 256 if variant == "quick" else 2048
-    c.quant.calib_batch_size = 64
-    c.quant.methods = ("gpfq", "rtn", "gptq")
-    c.quant.bits = (3, 4, 5)
-    c.quant.grids = ("zzs", "int")
-    c.quant.scale = "search"
-    c.quant.c = 1.81  # the SIMODS code's zzs constant for ResNet-50 (center of the search)
-    c.quant.per_channel = True  # int grid; zzs is per layer by definition
-    return c
+    return imagenet("resnet50", {}, variant, zzs_c=1.81)  # SIMODS code's zzs constant

@@ -27,39 +27,12 @@ this file; training on ImageNet is not intended here.
 
 import ml_collections
 
+from gpfq_jax.config_defaults import imagenet
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """``variant``: "" (the paper's setting) or "quick" (256 calibration images)."""
-    if variant not in ("", "quick"):
-        raise ValueError(f"unknown variant {variant!r}; use '' or 'quick'")
-    c = ml_collections.ConfigDict()
-    c.dataset = "imagenet2012"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (manual_dir inside)
-    c.weights = ml_collections.config_dict.placeholder(str)  # Flax checkpoint; None: random init
-    c.image_size = 224  # center crop after resizing the short side to 256
-    c.model = ml_collections.ConfigDict({"name": "vgg16", "kwargs": {"use_bn": False}})
-    c.seed = 0
-    c.batch_size = 256
-    c.eval_batch_size = 100
-    c.num_epochs = 90
-    c.optimizer = "sgd"  # "adamw" | "sgd"
-    c.learning_rate = 0.01
-    c.momentum = 0.9  # sgd only
-    c.weight_decay = 5e-4
-    c.warmup_epochs = 0.0
-    c.augment = False
-    c.val_size = 0
-    c.limit_train = ml_collections.config_dict.placeholder(int)  # None: all
-    c.checkpoints_to_keep = 3
-
-    c.quant = ml_collections.ConfigDict()
-    # 256 for the quick run. classifier_0 has 25088 inputs: H, G, F take 2.5 GB each.
-    c.quant.calib_size = 256 if variant == "quick" else 2048
-    c.quant.calib_batch_size = 32
-    c.quant.methods = ("gpfq", "rtn", "gptq")
-    c.quant.bits = (3, 4, 5)
-    c.quant.grids = ("zzs", "int")
-    c.quant.scale = "search"
-    c.quant.c = 0.975  # the SIMODS code's zzs constant for VGG-16 (center of the search)
-    c.quant.per_channel = True  # int grid; zzs is per layer by definition
-    return c
+    # classifier_0 has 25088 inputs: H, G, F take 2.5 GB each, hence smaller batches.
+    return imagenet("vgg16", {"use_bn": False}, variant, zzs_c=0.975,  # SIMODS constant
+                    calib_batch_size=32, eval_batch_size=100, learning_rate=0.01,
+                    weight_decay=5e-4)

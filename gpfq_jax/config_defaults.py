@@ -68,3 +68,24 @@ def experiment(dataset: str, model: str, model_kwargs: dict, *,
     c.update(overrides)
     c.quant = quant(**(quant_overrides or {}))
     return c
+
+
+def imagenet(model: str, model_kwargs: dict, variant: str, *, zzs_c: float,
+             calib_batch_size: int = 64, **overrides: Any) -> ml_collections.ConfigDict:
+    """ImageNet (tfds imagenet2012, manual download) whole-model configs.
+
+    ``variant``: "" (m = 2048 calibration images, as the SIMODS paper) or "quick" (256).
+    ``zzs_c``: the SIMODS code's constant for the "zzs" grid (centre of the step search).
+    """
+    if variant not in ("", "quick"):
+        raise ValueError(f"unknown variant {variant!r}; use '' or 'quick'")
+    defaults = dict(batch_size=256, eval_batch_size=250, num_epochs=90, optimizer="sgd",
+                    learning_rate=0.1, val_size=0)
+    c = experiment("imagenet2012", model, model_kwargs, **{**defaults, **overrides},
+                   quant_overrides={"calib_size": 256 if variant == "quick" else 2048,
+                                    "calib_batch_size": calib_batch_size, "bits": (3, 4, 5),
+                                    "grids": ("zzs", "int"), "c": zzs_c,
+                                    "per_channel": True})  # int grid; zzs is per layer
+    c.weights = config_dict.placeholder(str)  # Flax checkpoint; None: random init
+    c.image_size = 224  # center crop after resizing the short side to 256
+    return c
