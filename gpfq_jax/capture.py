@@ -241,6 +241,14 @@ def _linen_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _module_conv_fields(module: Any, shape: tuple[int, ...], path: Path):
+    """``_conv_fields`` of a Linen nn.Conv or NNX nnx.Conv module (same attribute names)."""
+    if module.mask is not None:
+        raise NotImplementedError(f"masked conv layer {_name(path)!r} is not supported")
+    return _conv_fields(module.kernel_size, module.strides, module.padding,
+                        module.input_dilation, module.kernel_dilation, shape, path)
+
+
 def _linen_record(module: nn.Module, kind: str, x: Any, params: Any) -> dict[str, Any]:
     """LayerInfo fields for a Linen Dense/Conv call with input ``x``."""
     path = tuple(module.path)
@@ -248,17 +256,7 @@ def _linen_record(module: nn.Module, kind: str, x: Any, params: Any) -> dict[str
     shape = tuple(jnp.shape(x))
     conv = None
     if kind == "conv":
-        if module.mask is not None:
-            raise NotImplementedError(f"masked conv layer {_name(path)!r} is not supported")
-        conv = _conv_fields(
-            module.kernel_size,
-            module.strides,
-            module.padding,
-            module.input_dilation,
-            module.kernel_dilation,
-            shape,
-            path,
-        )
+        conv = _module_conv_fields(module, shape, path)
         ks = _kernel_size(module.kernel_size)
         expected = ks + (shape[-1] // module.feature_group_count, module.features)
     else:
@@ -425,17 +423,7 @@ def _nnx_record(module: Any, kind: str, x: Any, path: Path) -> dict[str, Any]:
     kshape = tuple(module.kernel[...].shape)
     conv, groups = None, 1
     if kind == "conv":
-        if module.mask is not None:
-            raise NotImplementedError(f"masked conv layer {_name(path)!r} is not supported")
-        conv = _conv_fields(
-            module.kernel_size,
-            module.strides,
-            module.padding,
-            module.input_dilation,
-            module.kernel_dilation,
-            shape,
-            path,
-        )
+        conv = _module_conv_fields(module, shape, path)
         groups = module.feature_group_count
     return {
         "path": path,
