@@ -76,6 +76,21 @@ def imagenet(model: str, model_kwargs: dict, variant: str, *, zzs_c: float,
 
     ``variant``: "" (m = 2048 calibration images, as the SIMODS paper) or "quick" (256).
     ``zzs_c``: the SIMODS code's constant for the "zzs" grid (centre of the step search).
+
+    ImageNet is NOT available on this machine (and is never downloaded by this project). A
+    user who has it loads it with tensorflow-datasets: imagenet2012 requires a manual download
+    of the ILSVRC2012 tars (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar) into
+    ``~/tensorflow_datasets/downloads/manual/`` (or any folder passed as tfds ``manual_dir``),
+    then ``tfds.builder("imagenet2012", data_dir=...)`` prepares it; set ``data_dir``.
+
+    No pretrained Flax weights are shipped. ``weights`` is the path to a user-provided Flax
+    checkpoint of ``{"params", "batch_stats"}``; a user converts their own (e.g. from
+    torchvision: module names follow torchvision's state-dict keys, conv kernels go
+    OIHW -> HWIO, dense kernels are transposed). ``weights=None`` means random weights from
+    ``gpfq_jax.imagenet_models.init_variables`` and ``synthetic_images`` inputs: for timing
+    and memory only. Import ``gpfq_jax.imagenet_models`` before
+    ``gpfq_jax.models.create_model`` (it registers the names on import). Training fields
+    mirror the other configs (torchvision's recipe); training on ImageNet is not intended here.
     """
     if variant not in ("", "quick"):
         raise ValueError(f"unknown variant {variant!r}; use '' or 'quick'")
