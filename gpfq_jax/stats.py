@@ -197,9 +197,10 @@ class StatsAccumulator:
     """Accumulates a layer's statistics over calibration batches.
 
     ``geometry=None`` means a Dense layer (inputs (..., N)); a ``ConvGeometry`` means a Conv
-    layer (NHWC inputs, patch rows). ``patch_fraction < 1`` keeps a seeded random subset of
-    each batch's rows (the SIMODS code kept 25% of conv patches); the same rows are kept for
-    the float and the quantized inputs. With ``mesh`` (a Mesh or "auto") each batch's rows are
+    layer (NHWC inputs, patch rows). For conv layers ``patch_fraction < 1`` keeps a seeded
+    random subset of each batch's patch rows (the SIMODS code kept 25% of conv patches); the
+    same rows are kept for the float and the quantized inputs. Dense layers always keep every
+    row (one per sample: there is nothing redundant to drop). With ``mesh`` (a Mesh or "auto") each batch's rows are
     split over the devices and every product is summed across them (data parallel).
     """
 
@@ -233,7 +234,7 @@ class StatsAccumulator:
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
         r = self.rows(x)
         rq = r if same else self.rows(xq)
-        if self.patch_fraction < 1:
+        if self.patch_fraction < 1 and self.geometry is not None:
             key = jax.random.fold_in(self._key, self._batches)
             both = subsample_rows(jnp.stack([r, rq], 1), self.patch_fraction, key)
             r, rq = both[:, 0], both[:, 1]

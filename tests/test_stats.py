@@ -144,6 +144,17 @@ def test_patch_subsampling_is_seeded_and_keeps_pairs(rng):
     np.testing.assert_array_equal(a.hess, a.cross)              # x_quant = x: same rows kept
 
 
+def test_patch_fraction_leaves_dense_rows_alone(rng):
+    """Subsampling is for conv patches only: a Dense layer keeps one row per sample."""
+    x = jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)
+    xq = x + 0.1
+    kept = StatsAccumulator(6, patch_fraction=0.25, seed=3).update(x, xq).result()
+    full = StatsAccumulator(6).update(x, xq).result()
+    assert int(kept.count) == 40
+    np.testing.assert_array_equal(kept.hess, full.hess)
+    np.testing.assert_array_equal(kept.cross, full.cross)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="features"):
         StatsAccumulator(5).update(jnp.ones((3, 4)))
