@@ -10,6 +10,7 @@ Weights are (N, N_out) in Flax layout, so GPTQ's "columns" are our rows (input f
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +43,35 @@ def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
     return w, upper
 
 
-@functools.partial(jax.jit, static_argnames=("alphabet", "block_size", "act_order"))
-def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphabet, *,
-               damp: float = 0.01, block_size: int | None = None,
-               act_order: bool = False) -> jax.Array:
-    """GPTQ codes (N, N_out) for weights ``w`` (N, N_out) and H = X~^T X~ (N, N)."""
+class GptqFactor(NamedTuple):
+    """What GPTQ needs that does not depend on the step: computed once per layer.
+
+    w: (N, N_out) weights in GPTQ's feature order, dead inputs zeroed. upper: (N, N) upper
+    Cholesky factor of the damped H^{-1} in that order. perm: (N,) the order (act-order or
+    identity).
+    """
+
+    w: jax.Array
+    upper: jax.Array
+    perm: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def gptq_factor(w: jax.Array, hess: jax.Array, *, damp: float = 0.01,
+                act_order: bool = False) -> GptqFactor:
+    """Order the features, damp H (N, N) and factor its inverse for weights ``w`` (N, N_out)."""
     n = w.shape[0]
     perm = jnp.argsort(-jnp.diagonal(hess)) if act_order else jnp.arange(n)
     w, upper = gptq_prepare(hess[perm][:, perm], w[perm], damp)
+    return GptqFactor(w, upper, perm)
+
+
+@functools.partial(jax.jit, static_argnames=("alphabet", "block_size"))
+def gptq_codes_from_factor(factor: GptqFactor, delta: jax.Array, alphabet: Alphabet, *,
+                           block_size: int | None = None) -> jax.Array:
+    """GPTQ codes (N, N_out) in the original feature order, steps ``delta`` (N_out,)."""
+    w, upper, perm = factor
+    n = w.shape[0]
     bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
     codes = []
     for s in range(0, n, bs):
@@ -72,4 +94,17 @@ def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphab
     return codes[jnp.argsort(perm)]
 
 
-__all__ = ["rtn_codes", "gptq_codes", "gptq_prepare"]
+def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphabet, *,
+               damp: float = 0.01, block_size: int | None = None,
+               act_order: bool = False) -> jax.Array:
+    """GPTQ codes (N, N_out) for weights ``w`` (N, N_out), H = X~^T X~ (N, N), steps (N_out,).
+
+    ``gptq_factor`` then ``gptq_codes_from_factor``; to try several steps on one layer, factor
+    once and call the latter per step.
+    """
+    factor = gptq_factor(w, hess, damp=damp, act_order=act_order)
+    return gptq_codes_from_factor(factor, delta, alphabet, block_size=block_size)
+
+
+__all__ = ["rtn_codes", "gptq_codes", "gptq_factor", "gptq_codes_from_factor", "gptq_prepare",
+           "GptqFactor"]

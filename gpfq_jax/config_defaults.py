@@ -29,9 +29,8 @@ def quant(**overrides: Any) -> ml_collections.ConfigDict:
     # A tuple of c values: the grid's base rule with the c of best VALIDATION accuracy.
     q.c_grid_val = config_dict.placeholder(tuple)
     q.seed = 0  # calibration draw from the training split
-    # Fraction of rows kept per calibration batch for the statistics: 1.0 uses every conv
-    # patch; the SIMODS code kept 0.25 of them (about 2x faster here, but the driver then
-    # also subsamples the Dense layers' rows).
+    # Fraction of conv patch rows kept per calibration batch for the statistics: 1.0 uses
+    # every patch; the SIMODS code kept 0.25 of them. Dense layers always keep every row.
     q.patch_fraction = 1.0
     q.fold_batchnorm = False
     q.bias_correction = False

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpfq_jax.alphabets import QuantSpec, as_spec, codes_to_values, describe, step_size
-from gpfq_jax.baselines import gptq_codes, rtn_codes
+from gpfq_jax.baselines import GptqFactor, gptq_codes_from_factor, gptq_factor, rtn_codes
 from gpfq_jax.gpfq import gpfq_gram_form
 from gpfq_jax.sharding import replicate, resolve_mesh, shard_along
 from gpfq_jax.stats import LayerStats, error_given_terms, error_terms, stats_from_data
@@ -80,7 +80,7 @@ def _ungrouped(mats: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _method_codes(method: str, w_g, stats: LayerStats, delta_g, spec: QuantSpec, uniform,
-                  block_size, damp, act_order):
+                  block_size, gptq: GptqFactor | None):
     """Codes (g, N, n) of ``method`` for grouped weights and steps (g, n)."""
     alphabet = spec.alphabet
     if method == "rtn":
@@ -93,13 +93,10 @@ def _method_codes(method: str, w_g, stats: LayerStats, delta_g, spec: QuantSpec,
             return jax.vmap(lambda w, h, g, d: fn(w, h, g, d, None))(
                 w_g, stats.hess, stats.cross, delta_g)
         return jax.vmap(fn)(w_g, stats.hess, stats.cross, delta_g, uniform)
-    if method == "gptq":
-        if spec.rounding != "nearest" or spec.sparsity is not None:
-            raise ValueError("gptq supports rounding='nearest' without sparsity only")
-        return jax.vmap(lambda w, h, d: gptq_codes(w, h, d, alphabet, damp=damp,
-                                                   block_size=block_size,
-                                                   act_order=act_order))(
-            w_g, stats.hess, delta_g)
+    if method == "gptq":  # gptq_factor(...) was computed once per layer, outside the search
+        return jax.vmap(lambda f, d: gptq_codes_from_factor(f, d, alphabet,
+                                                            block_size=block_size))(
+            gptq, delta_g)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -153,6 +150,12 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
         stats = replicate(stats, mesh)
     multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
     terms = error_terms(stats, w_g)                          # Q-independent, once per layer
+    gptq = None
+    if method == "gptq":
+        if spec.rounding != "nearest" or spec.sparsity is not None:
+            raise ValueError("gptq supports rounding='nearest' without sparsity only")
+        gptq = jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
+            w_g, stats.hess)                                  # step-independent, once per layer
     best = None
     for mult in multipliers:
         c = spec.c * mult
@@ -160,8 +163,7 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
         delta_g = delta.reshape(g, -1)
         if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
             delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
-        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, damp,
-                              act_order)
+        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq)
         q_g = codes_to_values(codes, delta_g[:, None, :], spec.alphabet)
         err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]   # (g, n)
         codes = codes[..., :n_cols]

@@ -200,8 +200,9 @@ class StatsAccumulator:
     layer (NHWC inputs, patch rows). For conv layers ``patch_fraction < 1`` keeps a seeded
     random subset of each batch's patch rows (the SIMODS code kept 25% of conv patches); the
     same rows are kept for the float and the quantized inputs. Dense layers always keep every
-    row (one per sample: there is nothing redundant to drop). With ``mesh`` (a Mesh or "auto") each batch's rows are
-    split over the devices and every product is summed across them (data parallel).
+    row (one per sample: there is nothing redundant to drop). With ``mesh`` (a Mesh or "auto")
+    each batch's rows are split over the devices and every product is summed across them (data
+    parallel).
     """
 
     def __init__(self, features: int, geometry: ConvGeometry | None = None,

@@ -71,3 +71,29 @@ def test_bad_input_errors(layer):
         gq.quantize_from_stats(w, gq.init_stats(24))
     with pytest.raises(ValueError, match="does not match statistics"):
         gq.quantize_from_stats(w[:20], gq.stats_from_data(x))
+
+
+@pytest.mark.parametrize("method", ["gpfq", "gptq"])
+def test_channelwise_search_equals_brute_force(layer, x64, method):
+    """scale="search" per channel: each neuron gets the multiplier whose codes, computed by the
+    plain per-step function and scored on the data, give it the smallest output error."""
+    w, x = layer
+    w, x = w.astype(jnp.float64), x.astype(jnp.float64)
+    spec = gq.QuantSpec(bits=3, scale="search", search_grid=(0.5, 0.8, 1.0, 1.3, 2.0))
+    found = gq.quantize_layer(w, x, spec=spec, method=method)
+    h = x.T @ x
+    best_err, best_q = None, None
+    for mult in spec.search_grid:
+        delta = gq.step_size(w, spec, spec.c * mult)
+        if method == "gptq":
+            codes = gq.gptq_codes(w, h, delta, spec.alphabet)
+        else:
+            codes = gq.gpfq_data_form(w, x, x, delta, spec.alphabet)
+        q = gq.codes_to_values(codes, delta[None, :], spec.alphabet)
+        err = jnp.sum((x @ w - x @ q) ** 2, 0)
+        if best_err is None:
+            best_err, best_q = err, q
+        else:
+            better = err < best_err
+            best_err, best_q = jnp.where(better, err, best_err), jnp.where(better, q, best_q)
+    np.testing.assert_allclose(np.asarray(found.q), np.asarray(best_q), rtol=1e-9, atol=1e-12)
