@@ -19,8 +19,14 @@ import numpy as np
 from gpfq_jax.alphabets import QuantSpec, as_spec, codes_to_values, describe, step_size
 from gpfq_jax.baselines import GptqFactor, gptq_codes_from_factor, gptq_factor, rtn_codes
 from gpfq_jax.gpfq import gpfq_gram_form
-from gpfq_jax.sharding import replicate, resolve_mesh, shard_along
-from gpfq_jax.stats import LayerStats, error_given_terms, error_terms, stats_from_data
+from gpfq_jax.sharding import pad_to_multiple, replicate, resolve_mesh, shard_along
+from gpfq_jax.stats import (
+    LayerStats,
+    error_given_terms,
+    error_terms,
+    grouped_kernel,
+    stats_from_data,
+)
 
 METHODS = ("gpfq", "rtn", "gptq")
 
@@ -67,15 +73,8 @@ def check_finite(name: str, a) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _grouped(kernel: jax.Array, groups: int) -> jax.Array:
-    """Flax kernel (..., cin/g, cout) -> (g, N, cout/g): group i owns output channels i*cout/g..."""
-    cout = kernel.shape[-1]
-    mat = kernel.reshape(-1, cout)
-    return jnp.transpose(mat.reshape(mat.shape[0], groups, cout // groups), (1, 0, 2))
-
-
 def _ungrouped(mats: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Inverse of ``_grouped``."""
+    """Inverse of ``stats.grouped_kernel``."""
     return jnp.transpose(mats, (1, 0, 2)).reshape(shape)
 
 
@@ -130,15 +129,23 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
     if int(stats.count) == 0:
         raise ValueError("empty statistics: no calibration rows were accumulated")
     check_finite("kernel", kernel)
-    for name in ("hess", "cross", "gram"):
-        check_finite(f"statistics ({name})", getattr(stats, name))
+    if stats.gram is None and (stats.out_ref is None or stats.out_drift is None
+                               or stats.out_ref.shape != (g, kernel.shape[-1] // g)):
+        raise ValueError(
+            f"statistics without F must carry the output norms of this kernel ((g, n) = "
+            f"{(g, kernel.shape[-1] // g)}); got "
+            f"{None if stats.out_ref is None else tuple(stats.out_ref.shape)}: accumulate with "
+            "StatsAccumulator(..., kernel=kernel)")
+    for name in ("hess", "cross", "gram", "out_ref", "out_drift"):
+        if getattr(stats, name) is not None:
+            check_finite(f"statistics ({name})", getattr(stats, name))
     if spec.rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key (key=jax.random.PRNGKey(...))")
 
     start = time.perf_counter()
     dtype = stats.hess.dtype
     mat = kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
-    w_g = _grouped(mat, g)
+    w_g = grouped_kernel(mat, g)
     uniform = None
     if spec.rounding == "stochastic":
         uniform = jax.random.uniform(key, w_g.shape, dtype)
@@ -147,6 +154,9 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
     if mesh is not None:  # neurons across devices, statistics replicated
         w_g = shard_along(w_g, mesh, -1)
         uniform = None if uniform is None else shard_along(uniform, mesh, -1)
+        if stats.gram is None:  # per-neuron norms padded like the columns
+            stats = stats._replace(out_ref=pad_to_multiple(stats.out_ref, 1, mesh.size),
+                                   out_drift=pad_to_multiple(stats.out_drift, 1, mesh.size))
         stats = replicate(stats, mesh)
     multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
     terms = error_terms(stats, w_g)                          # Q-independent, once per layer

@@ -470,8 +470,13 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
                     act_order: bool, stats_dtype, mesh: Mesh | None) -> LayerRecord:
     """Capture, accumulate, quantize and write back one layer."""
     capture = target.capturer(layer)
-    acc = StatsAccumulator(math.prod(layer.kernel_shape[:-1]), _geometry(layer), stats_dtype,
-                           patch_fraction, seed, mesh=mesh)
+    kernel = target.float_kernel(layer)
+    features = math.prod(layer.kernel_shape[:-1])
+    neurons = layer.kernel_shape[-1] // layer.feature_group_count
+    # F = X^T X costs rows x N^2; the per-neuron output norms that can replace it (the kernel is
+    # known here) cost 2 x rows x N x n: use whichever is cheaper (norms for every conv here).
+    acc = StatsAccumulator(features, _geometry(layer), stats_dtype, patch_fraction, seed,
+                           mesh=mesh, kernel=kernel if 2 * neurons < features else None)
     correct = bias_correction and layer.has_bias
     sum_x, sum_xq, count = 0.0, 0.0, 0
     t_cap = t_stats = t_first = 0.0
@@ -497,7 +502,6 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
         t_cap += t1 - t0
         t_first = t_first or t1 - t0
     stats = acc.result()
-    kernel = target.float_kernel(layer)
     t0 = time.perf_counter()
     r = quantize_from_stats(kernel, stats, plan.spec, plan.method, key=key,
                             block_size=block_size, damp=damp, act_order=act_order, mesh=mesh)

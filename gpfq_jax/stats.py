@@ -1,5 +1,10 @@
 """Streaming layer statistics: H = X~^T X~, G = X~^T X, F = X^T X over calibration batches.
 
+GPFQ needs only H and G. F serves the reported output error and its Q-independent part; when
+the layer's float kernel W is known while accumulating (``StatsAccumulator(..., kernel=W)``,
+what ``quantize_params`` does), F is replaced by two per-neuron sums, ||X w_j||^2 and
+||(X - X~) w_j||^2, which cost rows x N x n instead of rows x N^2 (one product in three fewer).
+
 A layer is ``g`` independent matrix problems (``g`` = feature_group_count; 1 for Dense), each
 with N input features. Rows of X are the layer's inputs: one row per sample for Dense (any
 leading batch dimensions are flattened), one row per output position for Conv (the patches
@@ -31,14 +36,19 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class LayerStats(NamedTuple):
     """Second-moment statistics of one layer's inputs.
 
-    hess: (g, N, N) H = X~^T X~.  cross: (g, N, N) G = X~^T X.  gram: (g, N, N) F = X^T X.
+    hess: (g, N, N) H = X~^T X~.  cross: (g, N, N) G = X~^T X.  gram: (g, N, N) F = X^T X,
+    or None when the statistics were accumulated for one known kernel W (g, N, n); then
+    out_ref: (g, n) sum of ||X w_j||^2 and out_drift: (g, n) sum of ||(X - X~) w_j||^2 stand
+    in for it (the output error they give holds for that W only).
     count: number of rows accumulated (samples for Dense, patches for Conv).
     """
 
     hess: jax.Array
     cross: jax.Array
-    gram: jax.Array
+    gram: jax.Array | None
     count: jax.Array
+    out_ref: jax.Array | None = None
+    out_drift: jax.Array | None = None
 
     @property
     def groups(self) -> int:
@@ -102,10 +112,25 @@ class ConvGeometry:
         return int(np.prod(self.kernel_size)) * self.in_features // self.feature_group_count
 
 
-def init_stats(features: int, groups: int = 1, dtype=jnp.float32) -> LayerStats:
-    """Zero statistics for ``groups`` problems of ``features`` inputs each."""
+def init_stats(features: int, groups: int = 1, dtype=jnp.float32, *,
+               neurons: int | None = None) -> LayerStats:
+    """Zero statistics for ``groups`` problems of ``features`` inputs each.
+
+    ``neurons`` (outputs per group): keep per-neuron output norms of one kernel instead of F.
+    """
     z = jnp.zeros((groups, features, features), dtype)
-    return LayerStats(z, z, z, jnp.zeros((), jnp.int32))
+    count = jnp.zeros((), jnp.int32)
+    if neurons is None:
+        return LayerStats(z, z, z, count)
+    zn = jnp.zeros((groups, neurons), dtype)
+    return LayerStats(z, z, None, count, zn, zn)
+
+
+def grouped_kernel(kernel: jax.Array, groups: int = 1) -> jax.Array:
+    """Flax kernel (..., cin/g, cout) -> (g, N, cout/g): group i owns outputs i*cout/g..."""
+    cout = kernel.shape[-1]
+    mat = kernel.reshape(-1, cout)
+    return jnp.transpose(mat.reshape(mat.shape[0], groups, cout // groups), (1, 0, 2))
 
 
 def dense_rows(x: jax.Array) -> jax.Array:
@@ -165,25 +190,52 @@ def subsample_rows(rows: jax.Array, fraction: float, key: jax.Array) -> jax.Arra
     return rows[idx]
 
 
+def _sum_sq_outputs(r: jax.Array, w: jax.Array) -> jax.Array:
+    """Per neuron sum over rows of (r @ w)^2: r (g, m, N), w (g, N, n) -> (g, n)."""
+    y = jnp.einsum("gmi,gin->gmn", r, w, precision=HIGHEST)
+    return jnp.sum(y * y, axis=1)
+
+
+def _check_kernel(stats: LayerStats, w: jax.Array | None) -> None:
+    if stats.gram is None and w is None:
+        raise ValueError("these statistics keep per-neuron output norms instead of F: pass the "
+                         "grouped kernel w (g, N, n) they were started with")
+
+
 @jax.jit
-def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array) -> LayerStats:
-    """Add a batch of rows (m, g, N) of the float and quantized inputs to ``stats``."""
+def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array,
+               w: jax.Array | None = None) -> LayerStats:
+    """Add a batch of rows (m, g, N) of the float and quantized inputs to ``stats``.
+
+    Statistics without F (``init_stats(..., neurons=n)``) need the grouped kernel w (g, N, n).
+    """
+    _check_kernel(stats, w)
     dt = stats.hess.dtype
     # Group axis first: a batched (g) product of (N, m) @ (m, N), which XLA runs faster.
     r = jnp.swapaxes(rows.astype(dt), 0, 1)
     rq = jnp.swapaxes(rows_quant.astype(dt), 0, 1)
     prod = functools.partial(jnp.einsum, "gmi,gmj->gij", precision=HIGHEST)
-    return LayerStats(stats.hess + prod(rq, rq), stats.cross + prod(rq, r),
-                      stats.gram + prod(r, r), stats.count + rows.shape[0])
+    new = stats._replace(hess=stats.hess + prod(rq, rq), cross=stats.cross + prod(rq, r),
+                         count=stats.count + rows.shape[0])
+    if stats.gram is not None:
+        return new._replace(gram=stats.gram + prod(r, r))
+    w = w.astype(dt)
+    return new._replace(out_ref=stats.out_ref + _sum_sq_outputs(r, w),
+                        out_drift=stats.out_drift + _sum_sq_outputs(r - rq, w))
 
 
 @jax.jit
-def accumulate_same(stats: LayerStats, rows: jax.Array) -> LayerStats:
-    """``accumulate(stats, rows, rows)`` with one product: when X~ = X, H = G = F."""
+def accumulate_same(stats: LayerStats, rows: jax.Array, w: jax.Array | None = None
+                    ) -> LayerStats:
+    """``accumulate(stats, rows, rows[, w])`` with one N x N product: when X~ = X, H = G = F."""
+    _check_kernel(stats, w)
     r = jnp.swapaxes(rows.astype(stats.hess.dtype), 0, 1)
     p = jnp.einsum("gmi,gmj->gij", r, r, precision=HIGHEST)
-    return LayerStats(stats.hess + p, stats.cross + p, stats.gram + p,
-                      stats.count + rows.shape[0])
+    new = stats._replace(hess=stats.hess + p, cross=stats.cross + p,
+                         count=stats.count + rows.shape[0])
+    if stats.gram is not None:
+        return new._replace(gram=stats.gram + p)
+    return new._replace(out_ref=stats.out_ref + _sum_sq_outputs(r, w.astype(r.dtype)))
 
 
 def stats_from_data(x: jax.Array, x_quant: jax.Array | None = None,
@@ -202,22 +254,35 @@ class StatsAccumulator:
     same rows are kept for the float and the quantized inputs. Dense layers always keep every
     row (one per sample: there is nothing redundant to drop). With ``mesh`` (a Mesh or "auto")
     each batch's rows are split over the devices and every product is summed across them (data
-    parallel).
+    parallel). With the layer's float ``kernel`` (Flax layout (..., cin/g, cout)) F is not
+    accumulated: the result carries ||X w_j||^2 and ||(X - X~) w_j||^2 per neuron instead
+    (``LayerStats.out_ref``, ``out_drift``), which is cheaper and enough to quantize that kernel.
     """
 
     def __init__(self, features: int, geometry: ConvGeometry | None = None,
-                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0, mesh=None):
+                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0, mesh=None,
+                 kernel: jax.Array | None = None):
         if not 0 < patch_fraction <= 1:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
         self.geometry = geometry
         groups = 1 if geometry is None else geometry.feature_group_count
-        self.stats = init_stats(features, groups, dtype)
+        self._w = None
+        if kernel is not None:
+            kernel = jnp.asarray(kernel)
+            if (kernel.ndim < 2 or int(np.prod(kernel.shape[:-1])) != features
+                    or kernel.shape[-1] % groups):
+                raise ValueError(f"kernel shape {tuple(kernel.shape)} does not match {groups} "
+                                 f"group(s) of {features} input features")
+            self._w = grouped_kernel(kernel, groups).astype(dtype)
+        self.stats = init_stats(features, groups, dtype,
+                                neurons=None if self._w is None else self._w.shape[-1])
         self.patch_fraction = patch_fraction
         self._key = jax.random.PRNGKey(seed)
         self._batches = 0
         self.mesh = resolve_mesh(mesh)
         if self.mesh is not None:
             self.stats = replicate(self.stats, self.mesh)
+            self._w = None if self._w is None else replicate(self._w, self.mesh)
 
     def rows(self, x: jax.Array) -> jax.Array:
         if self.geometry is None:
@@ -242,7 +307,8 @@ class StatsAccumulator:
         count = r.shape[0]
         if self.mesh is not None:  # zero rows pad to the device count and add nothing
             r, rq = shard_along(r, self.mesh, 0), shard_along(rq, self.mesh, 0)
-        new = accumulate_same(self.stats, r) if same else accumulate(self.stats, r, rq)
+        new = (accumulate_same(self.stats, r, self._w) if same
+               else accumulate(self.stats, r, rq, self._w))
         self.stats = new._replace(count=self.stats.count + count)
         self._batches += 1
         return self
@@ -263,7 +329,7 @@ def _matmul(m: jax.Array, b: jax.Array) -> jax.Array:
 class ErrorTerms(NamedTuple):
     """The parts of ||X W - X~ Q||^2 that do not depend on Q (see ``output_error_sq``).
 
-    const: (g, n) W^T (F - G - G^T + H) W.  cross_w: (g, N, n) (G - H) W.
+    const: (g, n) W^T (F - G - G^T + H) W = ||(X - X~) w_j||^2.  cross_w: (g, N, n) (G - H) W.
     ref: (g, n) ||X w_j||^2 = W^T F W.
     """
 
@@ -274,10 +340,20 @@ class ErrorTerms(NamedTuple):
 
 @jax.jit
 def error_terms(stats: LayerStats, w: jax.Array) -> ErrorTerms:
-    """Precompute the Q-independent error terms for grouped weights w (g, N, n)."""
+    """Precompute the Q-independent error terms for grouped weights w (g, N, n).
+
+    Statistics without F use their accumulated per-neuron norms, which belong to the kernel the
+    accumulator was given: ``w`` must be that kernel.
+    """
     h, g_, f = stats.hess, stats.cross, stats.gram
     w = w.astype(h.dtype)
-    fw, gw, hw = _matmul(f, w), _matmul(g_, w), _matmul(h, w)
+    gw, hw = _matmul(g_, w), _matmul(h, w)
+    if f is None:
+        if stats.out_ref.shape != w.shape[::2]:
+            raise ValueError(f"statistics hold output norms of {stats.out_ref.shape} neurons "
+                             f"(groups, per group); the weights have {w.shape[::2]}")
+        return ErrorTerms(stats.out_drift, gw - hw, stats.out_ref)
+    fw = _matmul(f, w)
     gtw = _matmul(jnp.swapaxes(g_, -1, -2), w)
     return ErrorTerms(_colwise_dot(w, fw - gw - gtw + hw), gw - hw, _colwise_dot(w, fw))
 

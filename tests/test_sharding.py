@@ -50,9 +50,10 @@ SHARDED_SCRIPT = textwrap.dedent('''
     class MLP(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.relu(nn.Dense(16)(x))
-            x = nn.relu(nn.Dense(16)(x))
-            return nn.Dense(10)(x)          # 10 outputs: padded to 12 on 4 devices
+            x = nn.relu(nn.Dense(16)(x))    # statistics with F (2 n >= N)
+            x = nn.relu(nn.Dense(32)(x))
+            return nn.Dense(10)(x)          # 10 outputs: padded to 12 on 4 devices; norms
+                                            # instead of F (2 n < N), padded alike
 
     class CNN(nn.Module):
         @nn.compact

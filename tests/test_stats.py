@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 import gpfq_jax as gq
-from gpfq_jax.stats import ConvGeometry, StatsAccumulator, conv_rows, output_error_sq
+from gpfq_jax.stats import (
+    ConvGeometry,
+    StatsAccumulator,
+    conv_rows,
+    grouped_kernel,
+    output_error_sq,
+)
 
 CONV_CASES = [
     # (kernel (kh, kw), cin, cout, strides, padding, kernel_dilation, groups)
@@ -173,3 +179,74 @@ def test_same_inputs_take_one_product(rng):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     np.testing.assert_array_equal(one.hess, one.gram)
     assert int(one.count) == int(three.count) == 40
+
+
+def _kernel_mode_case(rng, conv: bool):
+    """Float / quantized inputs and a kernel of a grouped conv (g = 2) or a Dense layer."""
+    if conv:
+        x = rng.normal(size=(3, 7, 7, 4))
+        kernel = rng.normal(size=(3, 3, 2, 6))
+        geom = ConvGeometry.create(kernel.shape, 2, "SAME", feature_group_count=2,
+                                   input_shape=x.shape)
+        features = 18
+    else:
+        x = rng.normal(size=(30, 5))
+        kernel = rng.normal(size=(5, 7))
+        geom, features = None, 5
+    xq = x + 0.3 * rng.normal(size=x.shape)
+    return jnp.asarray(x), jnp.asarray(xq), jnp.asarray(kernel), geom, features
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_kernel_mode_replaces_f_by_output_norms(x64, rng, conv, fraction):
+    """With the kernel, H and G are unchanged, F is dropped, and the per-neuron norms equal
+    ||X w_j||^2 and ||(X - X~) w_j||^2 on the same (sub)sampled rows; the error from them equals
+    the error from F."""
+    x, xq, kernel, geom, n = _kernel_mode_case(rng, conv)
+    kw = dict(dtype=jnp.float64, patch_fraction=fraction, seed=5)
+    full = StatsAccumulator(n, geom, **kw)
+    lean = StatsAccumulator(n, geom, kernel=kernel, **kw)
+    for part in (slice(0, 2), slice(2, None)):            # two batches
+        full.update(x[part], xq[part])
+        lean.update(x[part], xq[part])
+    full.update(x[:1])                                     # and a first-layer style batch
+    lean.update(x[:1])
+    a, b = full.result(), lean.result()
+    assert b.gram is None and int(a.count) == int(b.count)
+    np.testing.assert_array_equal(a.hess, b.hess)
+    np.testing.assert_array_equal(a.cross, b.cross)
+    w = grouped_kernel(kernel, a.groups)
+    ref = jnp.einsum("gin,gij,gjn->gn", w, a.gram, w)
+    drift = jnp.einsum("gin,gij,gjn->gn", w, a.gram - a.cross - jnp.swapaxes(a.cross, 1, 2)
+                       + a.hess, w)
+    np.testing.assert_allclose(b.out_ref, ref, rtol=1e-10)
+    np.testing.assert_allclose(b.out_drift, drift, rtol=1e-8, atol=1e-8)
+    q = w + 0.2 * jnp.asarray(rng.normal(size=w.shape))
+    for got, want in zip(output_error_sq(b, w, q), output_error_sq(a, w, q)):
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq"])
+def test_kernel_mode_quantizes_like_full_stats(x64, rng, method):
+    x, xq, kernel, geom, n = _kernel_mode_case(rng, conv=True)
+    full = StatsAccumulator(n, geom, dtype=jnp.float64).update(x, xq).result()
+    lean = StatsAccumulator(n, geom, dtype=jnp.float64, kernel=kernel).update(x, xq).result()
+    spec = gq.QuantSpec(bits=3, scale="search")
+    a = gq.quantize_from_stats(kernel, full, spec, method)
+    b = gq.quantize_from_stats(kernel, lean, spec, method)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert b.rel_error == pytest.approx(a.rel_error, rel=1e-8)
+
+
+def test_kernel_mode_errors(rng):
+    x, xq, kernel, geom, n = _kernel_mode_case(rng, conv=False)
+    with pytest.raises(ValueError, match="does not match"):
+        StatsAccumulator(n + 1, kernel=kernel)
+    lean = StatsAccumulator(n, kernel=kernel).update(x.astype(jnp.float32)).result()
+    with pytest.raises(ValueError, match="grouped kernel"):
+        gq.accumulate(lean, x[:, None, :], xq[:, None, :])
+    with pytest.raises(ValueError, match="output norms of this kernel"):
+        gq.quantize_from_stats(kernel[:, :3], lean)       # another kernel than accumulated
+    with pytest.raises(ValueError, match="output norms of this kernel"):
+        gq.quantize_from_stats(kernel, lean._replace(out_ref=None, out_drift=None))
