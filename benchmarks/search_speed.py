@@ -17,16 +17,13 @@ Prints a markdown table and writes JSON (default benchmarks/results/search_speed
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import write_report
 
 import gpfq_jax as gq
 from gpfq_jax.baselines import gptq_codes
@@ -102,14 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n} -> {n_out} | {r['factor_once_s']:.2f} s | "
               f"{r['factor_per_multiplier_s']:.2f} s | {r['speedup']:.1f}x | "
               f"{100 * r['codes_agree']:.2f}% |", flush=True)
-    out = {"benchmark": "search_speed", "date": datetime.datetime.now().isoformat(),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "jax": jax.__version__, "backend": jax.default_backend(),
-                       "loadavg": list(os.getloadavg())},
-           "quick": args.quick, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "search_speed", rows, quick=args.quick)
     return 0
 
 

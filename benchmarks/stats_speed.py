@@ -17,16 +17,13 @@ benchmarks/results/stats_speed.json).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import write_report
 
 from gpfq_jax.stats import ConvGeometry, StatsAccumulator
 
@@ -93,15 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"| {name} | {r['rows']:,} | {r['with_f_s']:.3f} s | {r['kernel_norms_s']:.3f} s "
               f"| {r['speedup']:.2f}x |", flush=True)
-    out = {"benchmark": "stats_speed", "date": datetime.datetime.now().isoformat(),
-           "batch": batch, "quick": args.quick,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "jax": jax.__version__, "backend": jax.default_backend(),
-                       "loadavg": list(os.getloadavg())},
-           "rows": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "stats_speed", results, batch=batch, quick=args.quick)
     return 0
 
 
