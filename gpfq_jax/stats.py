@@ -138,21 +138,59 @@ def dense_rows(x: jax.Array) -> jax.Array:
     return x.reshape(-1, 1, x.shape[-1])
 
 
+def _check_conv_input(shape: tuple[int, ...], geometry: ConvGeometry) -> None:
+    nd = len(geometry.kernel_size)
+    if len(shape) != nd + 2 or shape[-1] != geometry.in_features:
+        raise ValueError(f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
+                         f"got shape {tuple(shape)}")
+
+
+def _padded(x: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, list[int]]:
+    """The zero-padded input and the output spatial sizes (no input dilation)."""
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding),
+                               (0, 0, 0)])
+    out = [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
+           zip(xp.shape[1:-1], geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+    return xp, out
+
+
+def _kernel_order(p: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """(m, kh*kw, cin) patches -> rows (m, g, kh*kw*cin/g) in each group's kernel order."""
+    g, k, cin = geometry.feature_group_count, p.shape[1], geometry.in_features
+    p = p.reshape(-1, k, g, cin // g)
+    if g == 1:
+        return p.reshape(p.shape[0], 1, k * cin)
+    return jnp.swapaxes(p, 1, 2).reshape(p.shape[0], g, -1)
+
+
+def _offsets(geometry: ConvGeometry):
+    """Kernel tap offsets in the padded input, (kh, kw) row-major."""
+    for taps in itertools.product(*(range(kk) for kk in geometry.kernel_size)):
+        yield [t * d for t, d in zip(taps, geometry.kernel_dilation)]
+
+
+def conv_row_count(input_shape: tuple[int, ...], geometry: ConvGeometry) -> int:
+    """Number of patch rows (batch x output positions) of a conv input of ``input_shape``."""
+    sizes = [(s - 1) * d + 1 + lo + hi for s, d, (lo, hi) in
+             zip(input_shape[1:-1], geometry.input_dilation, geometry.padding)]
+    out = [(size - (kk - 1) * d - 1) // st + 1 for size, kk, d, st in
+           zip(sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+    return int(input_shape[0] * np.prod(out))
+
+
+@functools.partial(jax.jit, static_argnames=("geometry",))
 def conv_rows(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """Conv inputs (n, *spatial, cin) -> patch rows (m, g, kh*kw*cin/g), kernel order.
 
-    m = n * number of output positions. The patches are strided slices of the padded input
-    (a copy, no arithmetic), stacked in the kernel's (kh, kw, cin) order. With input
-    dilation it falls back to ``jax.lax.conv_general_dilated_patches`` (channel-major
-    features, reordered).
+    m = n * number of output positions (row-major over (n, *output spatial)). The patches are
+    strided slices of the padded input (a copy, no arithmetic), stacked in the kernel's
+    (kh, kw, cin) order. With input dilation it falls back to
+    ``jax.lax.conv_general_dilated_patches`` (channel-major features, reordered).
     """
-    nd = len(geometry.kernel_size)
-    if x.ndim != nd + 2 or x.shape[-1] != geometry.in_features:
-        raise ValueError(f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
-                         f"got shape {tuple(x.shape)}")
-    g = geometry.feature_group_count
+    _check_conv_input(x.shape, geometry)
+    nd, g, cin = len(geometry.kernel_size), geometry.feature_group_count, geometry.in_features
     k = int(np.prod(geometry.kernel_size))
-    cin = geometry.in_features
     if any(d != 1 for d in geometry.input_dilation):
         spatial = "HWD"[:nd]
         lhs = "N" + spatial + "C"
@@ -162,32 +200,30 @@ def conv_rows(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
             dimension_numbers=(lhs, "OI" + spatial, lhs), precision=HIGHEST)
         p = patches.reshape(-1, g, cin // g, k)
         return jnp.swapaxes(p, -1, -2).reshape(p.shape[0], g, -1)
-    zero = jnp.zeros((), x.dtype)
-    xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding),
-                               (0, 0, 0)])
-    sizes = xp.shape[1:-1]
-    out = [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
-           zip(sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+    xp, out = _padded(x, geometry)
     slices = []
-    for offsets in itertools.product(*(range(kk) for kk in geometry.kernel_size)):
-        start = [0, *(o * d for o, d in zip(offsets, geometry.kernel_dilation)), 0]
+    for start in _offsets(geometry):
         limit = [x.shape[0], *(st + (n_out - 1) * s + 1 for st, n_out, s in
-                               zip(start[1:-1], out, geometry.strides)), cin]
-        slices.append(jax.lax.slice(xp, start, limit, (1, *geometry.strides, 1)))
-    p = jnp.stack(slices, axis=-2).reshape(-1, k, g, cin // g)     # (m, kh*kw, g, cin/g)
-    if g == 1:
-        return p.reshape(p.shape[0], 1, k * cin)
-    return jnp.swapaxes(p, 1, 2).reshape(p.shape[0], g, -1)
+                               zip(start, out, geometry.strides)), cin]
+        slices.append(jax.lax.slice(xp, [0, *start, 0], limit, (1, *geometry.strides, 1)))
+    return _kernel_order(jnp.stack(slices, axis=-2).reshape(-1, k, cin), geometry)
 
 
-def subsample_rows(rows: jax.Array, fraction: float, key: jax.Array) -> jax.Array:
-    """Keep ``round(fraction * m)`` (at least 1) rows drawn without replacement with ``key``."""
-    m = rows.shape[0]
-    keep = max(1, int(round(fraction * m)))
-    if keep >= m:
-        return rows
-    idx = jax.random.choice(key, m, (keep,), replace=False)
-    return rows[idx]
+@functools.partial(jax.jit, static_argnames=("geometry",))
+def conv_rows_at(x: jax.Array, geometry: ConvGeometry, idx: jax.Array) -> jax.Array:
+    """``conv_rows(x, geometry)[idx]`` without building the other rows: (len(idx), g, N).
+
+    Each kept row gathers its kh*kw input pixels, so subsampling patches costs in proportion
+    to the rows kept (with input dilation it falls back to building every row).
+    """
+    _check_conv_input(x.shape, geometry)
+    if any(d != 1 for d in geometry.input_dilation):
+        return conv_rows(x, geometry)[idx]
+    xp, out = _padded(x, geometry)
+    n, *pos = jnp.unravel_index(idx, (x.shape[0], *out))
+    base = [p * s for p, s in zip(pos, geometry.strides)]
+    taps = [xp[(n, *(b + o for b, o in zip(base, start)))] for start in _offsets(geometry)]
+    return _kernel_order(jnp.stack(taps, axis=1), geometry)
 
 
 def _sum_sq_outputs(r: jax.Array, w: jax.Array) -> jax.Array:
@@ -292,18 +328,31 @@ class StatsAccumulator:
             return dense_rows(x)
         return conv_rows(x, self.geometry)
 
+    def _kept_rows(self, input_shape: tuple[int, ...]) -> jax.Array | None:
+        """This batch's seeded subset of conv patch rows (indices), or None for all rows."""
+        if self.patch_fraction >= 1 or self.geometry is None:
+            return None
+        _check_conv_input(input_shape, self.geometry)
+        m = conv_row_count(input_shape, self.geometry)
+        keep = max(1, int(round(self.patch_fraction * m)))
+        if keep >= m:
+            return None
+        key = jax.random.fold_in(self._key, self._batches)
+        return jax.random.choice(key, m, (keep,), replace=False)
+
     def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> StatsAccumulator:
         """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
         same = x_quant is None or x_quant is x   # first layer: one product instead of three
         xq = x if x_quant is None else x_quant
         if tuple(x.shape) != tuple(xq.shape):
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
-        r = self.rows(x)
-        rq = r if same else self.rows(xq)
-        if self.patch_fraction < 1 and self.geometry is not None:
-            key = jax.random.fold_in(self._key, self._batches)
-            both = subsample_rows(jnp.stack([r, rq], 1), self.patch_fraction, key)
-            r, rq = both[:, 0], both[:, 1]
+        idx = self._kept_rows(x.shape)
+        if idx is None:
+            r = self.rows(x)
+            rq = r if same else self.rows(xq)
+        else:  # only the kept patches are built, the same ones for x and x_quant
+            r = conv_rows_at(x, self.geometry, idx)
+            rq = r if same else conv_rows_at(xq, self.geometry, idx)
         count = r.shape[0]
         if self.mesh is not None:  # zero rows pad to the device count and add nothing
             r, rq = shard_along(r, self.mesh, 0), shard_along(rq, self.mesh, 0)
@@ -379,5 +428,5 @@ def output_error_sq(stats: LayerStats, w: jax.Array, q: jax.Array) -> tuple[jax.
 
 
 __all__ = ["LayerStats", "ConvGeometry", "StatsAccumulator", "init_stats", "dense_rows",
-           "conv_rows", "subsample_rows", "accumulate", "stats_from_data", "output_error_sq",
-           "ErrorTerms", "error_terms", "error_given_terms"]
+           "conv_rows", "conv_rows_at", "conv_row_count", "accumulate", "stats_from_data",
+           "output_error_sq", "ErrorTerms", "error_terms", "error_given_terms", "grouped_kernel"]

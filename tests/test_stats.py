@@ -9,7 +9,9 @@ import gpfq_jax as gq
 from gpfq_jax.stats import (
     ConvGeometry,
     StatsAccumulator,
+    conv_row_count,
     conv_rows,
+    conv_rows_at,
     grouped_kernel,
     output_error_sq,
 )
@@ -52,6 +54,33 @@ def test_patches_times_kernel_equal_conv(rng, case):
     k_g = kernel.reshape(-1, g, cout // g).transpose(1, 0, 2)   # (g, N, cout/g)
     out = jnp.einsum("mgi,gio->mgo", rows, k_g, precision="highest").reshape(-1, cout)
     np.testing.assert_allclose(out, y.reshape(-1, cout), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_rows_at_equal_selected_rows(rng, case):
+    """conv_rows_at builds exactly the chosen rows of conv_rows; conv_row_count counts them."""
+    x, _, geom = _conv_case(rng, case)
+    rows = conv_rows(x, geom)
+    assert conv_row_count(x.shape, geom) == rows.shape[0]
+    idx = jnp.asarray(rng.choice(rows.shape[0], size=min(7, rows.shape[0]), replace=False))
+    np.testing.assert_array_equal(conv_rows_at(x, geom, idx), rows[idx])
+
+
+def test_subsampled_stats_equal_stats_of_the_kept_rows(x64, rng):
+    """patch_fraction < 1: the statistics are those of the seeded subset of conv_rows."""
+    x = jnp.asarray(rng.normal(size=(3, 9, 9, 4)))
+    xq = x + 0.1 * jnp.asarray(rng.normal(size=x.shape))
+    geom = ConvGeometry.create((3, 3, 2, 6), 2, "SAME", feature_group_count=2,
+                               input_shape=x.shape)
+    acc = StatsAccumulator(18, geom, dtype=jnp.float64, patch_fraction=0.3, seed=7)
+    got = acc.update(x, xq).result()
+    m = conv_row_count(x.shape, geom)
+    idx = jax.random.choice(jax.random.fold_in(jax.random.PRNGKey(7), 0), m,
+                            (round(0.3 * m),), replace=False)
+    want = gq.accumulate(gq.init_stats(18, 2, jnp.float64), conv_rows(x, geom)[idx],
+                         conv_rows(xq, geom)[idx])
+    for name in ("hess", "cross", "gram", "count"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
 
 
 def test_flax_conv_matches_geometry(rng):
