@@ -101,6 +101,9 @@ def test_patches_with_input_dilation(rng):
     rows = conv_rows(x, geom)
     np.testing.assert_allclose(rows[:, 0] @ kernel.reshape(-1, 4),
                                _conv(x, kernel, geom).reshape(-1, 4), rtol=1e-4, atol=1e-4)
+    assert conv_row_count(x.shape, geom) == rows.shape[0]
+    idx = jnp.asarray([0, 5, rows.shape[0] - 1])
+    np.testing.assert_array_equal(conv_rows_at(x, geom, idx), rows[idx])
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
