@@ -1,4 +1,4 @@
-"""What every benchmark's JSON records besides its rows: name, date, options and machine."""
+"""Helpers the benchmark scripts share: load, peak memory, table cells, the JSON report."""
 
 from __future__ import annotations
 
@@ -6,14 +6,33 @@ import datetime
 import json
 import os
 import platform
+import resource
 from pathlib import Path
 from typing import Any
 
-import jax
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages ([] where the platform has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux: ru_maxrss in KiB), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fmt(v: Any, spec: str = "{:.3f}") -> str:
+    """A table cell: ``spec.format(v)``, or "-" for None."""
+    return "-" if v is None else spec.format(v)
 
 
 def write_report(path: Path, benchmark: str, rows: list[dict], **options: Any) -> None:
     """Write ``rows`` with the benchmark's name, the date, ``options`` and the machine."""
+    import jax  # here, not at import: scale.py's parent process never loads jax
+
     out = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(), **options,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "jax": jax.__version__, "backend": jax.default_backend(),

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import fmt as _f
+from _report import loadavg
 
 DEFAULT_OUT = Path("benchmarks/results/model_speed.json")
 FULL = {"mlp": {"in": 784, "width": 512, "hidden": 3, "m": 4096, "batch": 512},
@@ -85,13 +87,6 @@ def _models():
     return MLP, ResNet
 
 
-def loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def run_model(name: str, model: Any, x: np.ndarray, batch: int, spec: Any, method: str
               ) -> dict:
     """Quantize ``model`` on ``x``; per-layer and total times."""
@@ -132,10 +127,6 @@ def depth_fit(run: dict) -> dict:
     slope, intercept = np.polyfit(i, t, 1)
     return {"slope_s_per_layer": float(slope), "intercept_s": float(intercept),
             "last_over_first": float(t[-1] / t[0]) if t[0] > 0 else None}
-
-
-def _f(v: Any, fmt: str = "{:.3f}") -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def layer_table(run: dict) -> str:

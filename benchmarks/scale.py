@@ -43,7 +43,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import loadavg, rss_mib
 
 DEFAULT_OUT = Path("benchmarks/results/scale.json")
 PARTS = ("devices", "memory", "large", "resnet18", "dtype")
@@ -85,13 +85,6 @@ RESNET_TARGET_S = 30 * 60
 # --------------------------------------------------------------------------- helpers
 
 
-def loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def git_state() -> dict:
     """HEAD commit and uncommitted library files (the code that was measured)."""
     def git(*a: str) -> str:
@@ -102,11 +95,6 @@ def git_state() -> dict:
             return ""
     return {"head": git("rev-parse", "--short", "HEAD"),
             "dirty": git("status", "--porcelain", "--", "gpfq_jax").splitlines()}
-
-
-def rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux: ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def device_peak_mib() -> float | None:
@@ -272,9 +260,8 @@ def worker_large(cfg: dict) -> dict:
     for name, (model, calib, sample) in cases.items():
         res, sec = _quantize(model, _init(model, sample), calib)
         r = res.layers[0]
-        out[name] = {"shape": list(r.shape), "rows": r.rows, "seconds": sec,
-                     "capture_s": r.capture_seconds, "stats_s": r.stats_seconds,
-                     "quant_s": r.quant_seconds, "rel_error": r.rel_error}
+        out[name] = {"shape": list(r.shape), "rows": r.rows, "seconds": sec, **_split(res),
+                     "rel_error": r.rel_error}
     out["rss_peak_mib"] = rss_mib()
     out["device_peak_mib"] = device_peak_mib()
     return out

@@ -25,6 +25,7 @@ from gpfq_jax.alphabets import QuantSpec, describe, make_alphabet
 from gpfq_jax.layer import quantize_from_stats
 from gpfq_jax.quantize_model import QuantizeResult, quantize_params
 from gpfq_jax.stats import stats_from_data
+from gpfq_jax.training import write_text_atomic
 
 Bits = int | str
 TERNARY_X = math.log2(3)  # where "ternary" sits on a bits axis
@@ -285,14 +286,6 @@ def results_markdown(results: dict) -> str:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike) -> None:

@@ -253,10 +253,6 @@ class Calibration:
             self._batches = calibration_batches(calib, batch_size)
             self.first = self._batches[0]
 
-    @property
-    def streamed(self) -> bool:
-        return self._factory is not None
-
     def _open(self) -> Iterator[Any]:
         self.calls += 1
         source = self._factory()

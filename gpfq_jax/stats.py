@@ -145,14 +145,18 @@ def _check_conv_input(shape: tuple[int, ...], geometry: ConvGeometry) -> None:
                          f"got shape {tuple(shape)}")
 
 
+def _out_sizes(padded_sizes, geometry: ConvGeometry) -> list[int]:
+    """Output spatial sizes of the conv over an input of ``padded_sizes`` (after padding)."""
+    return [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
+            zip(padded_sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+
+
 def _padded(x: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, list[int]]:
     """The zero-padded input and the output spatial sizes (no input dilation)."""
     zero = jnp.zeros((), x.dtype)
     xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding),
                                (0, 0, 0)])
-    out = [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
-           zip(xp.shape[1:-1], geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
-    return xp, out
+    return xp, _out_sizes(xp.shape[1:-1], geometry)
 
 
 def _kernel_order(p: jax.Array, geometry: ConvGeometry) -> jax.Array:
@@ -174,9 +178,7 @@ def conv_row_count(input_shape: tuple[int, ...], geometry: ConvGeometry) -> int:
     """Number of patch rows (batch x output positions) of a conv input of ``input_shape``."""
     sizes = [(s - 1) * d + 1 + lo + hi for s, d, (lo, hi) in
              zip(input_shape[1:-1], geometry.input_dilation, geometry.padding)]
-    out = [(size - (kk - 1) * d - 1) // st + 1 for size, kk, d, st in
-           zip(sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
-    return int(input_shape[0] * np.prod(out))
+    return int(input_shape[0] * np.prod(_out_sizes(sizes, geometry)))
 
 
 @functools.partial(jax.jit, static_argnames=("geometry",))
@@ -239,46 +241,41 @@ def _check_kernel(stats: LayerStats, w: jax.Array | None) -> None:
 
 
 @jax.jit
-def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array,
+def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array | None = None,
                w: jax.Array | None = None) -> LayerStats:
     """Add a batch of rows (m, g, N) of the float and quantized inputs to ``stats``.
 
+    ``rows_quant=None`` means X~ = X (the first layer): H = G = F from one N x N product.
     Statistics without F (``init_stats(..., neurons=n)``) need the grouped kernel w (g, N, n).
     """
     _check_kernel(stats, w)
     dt = stats.hess.dtype
     # Group axis first: a batched (g) product of (N, m) @ (m, N), which XLA runs faster.
     r = jnp.swapaxes(rows.astype(dt), 0, 1)
-    rq = jnp.swapaxes(rows_quant.astype(dt), 0, 1)
     prod = functools.partial(jnp.einsum, "gmi,gmj->gij", precision=HIGHEST)
-    new = stats._replace(hess=stats.hess + prod(rq, rq), cross=stats.cross + prod(rq, r),
+    if rows_quant is None:
+        rq, hess = r, prod(r, r)
+        cross = gram = hess
+    else:
+        rq = jnp.swapaxes(rows_quant.astype(dt), 0, 1)
+        hess, cross = prod(rq, rq), prod(rq, r)
+        gram = None if stats.gram is None else prod(r, r)
+    new = stats._replace(hess=stats.hess + hess, cross=stats.cross + cross,
                          count=stats.count + rows.shape[0])
     if stats.gram is not None:
-        return new._replace(gram=stats.gram + prod(r, r))
+        return new._replace(gram=stats.gram + gram)
     w = w.astype(dt)
-    return new._replace(out_ref=stats.out_ref + _sum_sq_outputs(r, w),
-                        out_drift=stats.out_drift + _sum_sq_outputs(r - rq, w))
-
-
-@jax.jit
-def accumulate_same(stats: LayerStats, rows: jax.Array, w: jax.Array | None = None
-                    ) -> LayerStats:
-    """``accumulate(stats, rows, rows[, w])`` with one N x N product: when X~ = X, H = G = F."""
-    _check_kernel(stats, w)
-    r = jnp.swapaxes(rows.astype(stats.hess.dtype), 0, 1)
-    p = jnp.einsum("gmi,gmj->gij", r, r, precision=HIGHEST)
-    new = stats._replace(hess=stats.hess + p, cross=stats.cross + p,
-                         count=stats.count + rows.shape[0])
-    if stats.gram is not None:
-        return new._replace(gram=stats.gram + p)
-    return new._replace(out_ref=stats.out_ref + _sum_sq_outputs(r, w.astype(r.dtype)))
+    new = new._replace(out_ref=stats.out_ref + _sum_sq_outputs(r, w))
+    if rows_quant is None:  # no drift: X - X~ = 0
+        return new
+    return new._replace(out_drift=stats.out_drift + _sum_sq_outputs(r - rq, w))
 
 
 def stats_from_data(x: jax.Array, x_quant: jax.Array | None = None,
                     dtype=jnp.float32) -> LayerStats:
     """Statistics of one Dense problem from whole data matrices x, x_quant (m, N)."""
-    xq = x if x_quant is None else x_quant
-    return accumulate(init_stats(x.shape[-1], 1, dtype), dense_rows(x), dense_rows(xq))
+    return accumulate(init_stats(x.shape[-1], 1, dtype), dense_rows(x),
+                      None if x_quant is None else dense_rows(x_quant))
 
 
 class StatsAccumulator:
@@ -356,8 +353,7 @@ class StatsAccumulator:
         count = r.shape[0]
         if self.mesh is not None:  # zero rows pad to the device count and add nothing
             r, rq = shard_along(r, self.mesh, 0), shard_along(rq, self.mesh, 0)
-        new = (accumulate_same(self.stats, r, self._w) if same
-               else accumulate(self.stats, r, rq, self._w))
+        new = accumulate(self.stats, r, None if same else rq, self._w)
         self.stats = new._replace(count=self.stats.count + count)
         self._batches += 1
         return self

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 
 __all__ = [
+    "write_text_atomic",
     "TrainState",
     "make_optimizer",
     "create_train_state",
@@ -294,12 +295,17 @@ def load_float_variables(workdir: str | os.PathLike) -> dict[str, PyTree]:
 # --------------------------------------------------------------------------- json
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:
