@@ -43,10 +43,15 @@ from gpfq_jax.models import create_model
 REPO = Path(__file__).resolve().parent
 TRAIN_KEYS = ("test_accuracy", "val_accuracy", "epochs", "seconds", "dataset_source")
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True, allow_override=True)
-flags.DEFINE_string("workdir", None, "Output directory (results, plots, quantized checkpoints).",
-                    allow_override=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py).", lock_config=True, allow_override=True
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Output directory (results, plots, quantized checkpoints).",
+    allow_override=True,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -78,14 +83,20 @@ def float_checkpoint(config: ConfigDict, workdir: Path, config_file: str) -> Pat
     if found is not None:
         return found
     if config.get("train_if_missing", False):
-        logging.info("no float checkpoint at %s: training first into %s",
-                     ", ".join(map(str, candidates)), workdir)
+        logging.info(
+            "no float checkpoint at %s: training first into %s",
+            ", ".join(map(str, candidates)),
+            workdir,
+        )
         train.train_and_evaluate(config, workdir)
         return workdir / tr.FLOAT_DIR
     raise SystemExit(
-        "error: no float checkpoint found; looked at " + ", ".join(map(str, candidates))
-        + ". Train one first:\n  " + train_command(config_file, workdir)
-        + "\n(or set --config.float_checkpoint=PATH, or --config.train_if_missing=True)")
+        "error: no float checkpoint found; looked at "
+        + ", ".join(map(str, candidates))
+        + ". Train one first:\n  "
+        + train_command(config_file, workdir)
+        + "\n(or set --config.float_checkpoint=PATH, or --config.train_if_missing=True)"
+    )
 
 
 def train_summary(path: Path) -> dict | None:
@@ -103,9 +114,13 @@ def check_split(config: ConfigDict, summary: dict | None) -> None:
     trained = summary.get("config", {})
     for key in ("dataset", "seed", "val_size"):
         if key in trained and trained[key] != config.get(key):
-            logging.warning("float checkpoint was trained with %s=%r but this run uses %r: "
-                            "validation images may have been seen in training",
-                            key, trained[key], config.get(key))
+            logging.warning(
+                "float checkpoint was trained with %s=%r but this run uses %r: "
+                "validation images may have been seen in training",
+                key,
+                trained[key],
+                config.get(key),
+            )
 
 
 # --------------------------------------------------------------------------- outputs
@@ -137,8 +152,9 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
     ckpt = float_checkpoint(config, workdir, config_file)
     summary = train_summary(ckpt)
     check_split(config, summary)
-    ds = data.load_dataset(config.dataset, data_dir=config.get("data_dir"),
-                           val_size=config.val_size, seed=config.seed)
+    ds = data.load_dataset(
+        config.dataset, data_dir=config.get("data_dir"), val_size=config.val_size, seed=config.seed
+    )
     logging.info("%r", ds)
     model = create_model(config.model.name, **config.model.kwargs.to_dict())
     variables = tr.load_float_variables(ckpt)
@@ -149,37 +165,57 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
         x, y = splits[split]
         if not len(x):
             return None
-        return tr.evaluate(model, v, x, y, batch_size=config.eval_batch_size,
-                           preprocess=preprocess)
+        return tr.evaluate(model, v, x, y, batch_size=config.eval_batch_size, preprocess=preprocess)
 
     seed = q.get("seed", 0)
     calib = preprocess(ex.calibration_images(ds.x_train, q.calib_size, seed))
     runs = ex.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or ())
     c_grid = q.get("c_grid_val")
     results = {
-        "dataset": config.dataset, "dataset_source": ds.source, "model": config.model.name,
+        "dataset": config.dataset,
+        "dataset_source": ds.source,
+        "model": config.model.name,
         "float_checkpoint": str(ckpt),
         "float_train_summary": summary and {k: summary.get(k) for k in TRAIN_KEYS},
-        "float": {"val_accuracy": evaluate(variables, "val"),
-                  "test_accuracy": evaluate(variables, "test")},
-        "calibration": {"size": int(q.calib_size), "seed": seed, "split": "train",
-                        "batch_size": q.calib_batch_size, "pool": len(ds.x_train),
-                        "patch_fraction": q.get("patch_fraction", 1.0)},
-        "c_selection": (f"best validation accuracy over c in {list(c_grid)}" if c_grid
-                        else f"scale={q.scale!r} (search: chosen per layer from its "
-                             "calibration statistics)" if q.scale == "search"
-                        else f"scale={q.scale!r}, c={q.get('c', 1.0)}"),
-        "runs": [], "complete": False,
+        "float": {
+            "val_accuracy": evaluate(variables, "val"),
+            "test_accuracy": evaluate(variables, "test"),
+        },
+        "calibration": {
+            "size": int(q.calib_size),
+            "seed": seed,
+            "split": "train",
+            "batch_size": q.calib_batch_size,
+            "pool": len(ds.x_train),
+            "patch_fraction": q.get("patch_fraction", 1.0),
+        },
+        "c_selection": (
+            f"best validation accuracy over c in {list(c_grid)}"
+            if c_grid
+            else f"scale={q.scale!r} (search: chosen per layer from its calibration statistics)"
+            if q.scale == "search"
+            else f"scale={q.scale!r}, c={q.get('c', 1.0)}"
+        ),
+        "runs": [],
+        "complete": False,
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
         "config": config.to_dict(),
     }
     logging.info("float: %s", results["float"])
-    options = {"batch_size": q.calib_batch_size, "progress": False,
-               "fold_batchnorm": q.get("fold_batchnorm", False),
-               "bias_correction": q.get("bias_correction", False), "seed": seed,
-               "patch_fraction": results["calibration"]["patch_fraction"]}
+    options = {
+        "batch_size": q.calib_batch_size,
+        "progress": False,
+        "fold_batchnorm": q.get("fold_batchnorm", False),
+        "bias_correction": q.get("bias_correction", False),
+        "seed": seed,
+        "patch_fraction": results["calibration"]["patch_fraction"],
+    }
     done: dict[ex.Run, dict] = {}
     for run in tqdm(runs, desc="runs", unit="run", dynamic_ncols=True):
         twin = ex.same_alphabet(run, done)
@@ -188,18 +224,33 @@ def quantize_experiment(config: ConfigDict, workdir: Path, config_file: str) -> 
             continue
         try:
             record, res = ex.execute_run(
-                run, ex.quantizer(model, variables, calib, run.method, **options), evaluate,
-                scale=q.scale, c=q.get("c", 1.0), per_channel=q.get("per_channel"),
-                c_grid_val=c_grid)
+                run,
+                ex.quantizer(model, variables, calib, run.method, **options),
+                evaluate,
+                scale=q.scale,
+                c=q.get("c", 1.0),
+                per_channel=q.get("per_channel"),
+                c_grid_val=c_grid,
+            )
             if q.get("save_quantized", True):
                 record["checkpoint"] = str(save_run(workdir, run.name, res))
-            logging.info("%s: val %s test %.4f (%.1f s)", run.name, record["val_accuracy"],
-                         record["test_accuracy"], record["seconds"]["total"])
+            logging.info(
+                "%s: val %s test %.4f (%.1f s)",
+                run.name,
+                record["val_accuracy"],
+                record["test_accuracy"],
+                record["seconds"]["total"],
+            )
             done[run] = record
         except Exception as e:  # keep going; the failure is recorded in the results
             logging.exception("run %s failed", run.name)
-            record = {"name": run.name, "method": run.method, "grid": run.grid,
-                      "bits": run.bits, "error": f"{type(e).__name__}: {e}"}
+            record = {
+                "name": run.name,
+                "method": run.method,
+                "grid": run.grid,
+                "bits": run.bits,
+                "error": f"{type(e).__name__}: {e}",
+            }
         results["runs"].append(record)
         results["seconds_total"] = time.time() - t_start
         write_outputs(workdir, results)
@@ -213,15 +264,20 @@ def width_sweep_experiment(config: ConfigDict, workdir: Path) -> dict:
     """The width sweep (no checkpoint): width_sweep.{json,md,png} in ``workdir``."""
     t_start = time.time()
     s = config.sweep
-    spec = gq.QuantSpec(bits=s.bits, grid=s.grid, scale=s.scale, c=s.get("c", 1.0),
-                        per_channel=s.get("per_channel"))
+    spec = gq.QuantSpec(
+        bits=s.bits, grid=s.grid, scale=s.scale, c=s.get("c", 1.0), per_channel=s.get("per_channel")
+    )
     max_width = {"gptq": s.gptq_max_width} if s.get("gptq_max_width") else None
-    result = ex.width_sweep(list(s.widths), s.m, s.neurons, list(s.seeds), spec,
-                            tuple(s.methods), max_width)
+    result = ex.width_sweep(
+        list(s.widths), s.m, s.neurons, list(s.seeds), spec, tuple(s.methods), max_width
+    )
     result["tail_slope"] = ex.tail_slopes(result, s.m)
-    result.update(seconds_total=time.time() - t_start, config=config.to_dict(),
-                  command=shlex.join([os.path.basename(sys.executable), *sys.argv]),
-                  machine={"cpus": os.cpu_count(), "jax": jax.__version__})
+    result.update(
+        seconds_total=time.time() - t_start,
+        config=config.to_dict(),
+        command=shlex.join([os.path.basename(sys.executable), *sys.argv]),
+        machine={"cpus": os.cpu_count(), "jax": jax.__version__},
+    )
     tr.write_json_atomic(workdir / "width_sweep.json", result)
     ex.write_text_atomic(workdir / "width_sweep.md", ex.width_sweep_markdown(result))
     ex.plot_width_sweep(result, workdir / "width_sweep.png")
@@ -249,14 +305,16 @@ def main(argv: list[str]) -> None:
         result = width_sweep_experiment(config, workdir)
         print(ex.width_sweep_markdown(result))
     elif experiment == "quantize":
-        results = quantize_experiment(config, workdir,
-                                      config_flags.get_config_filename(FLAGS["config"]))
+        results = quantize_experiment(
+            config, workdir, config_flags.get_config_filename(FLAGS["config"])
+        )
         print(ex.accuracy_table(results))
         if any("error" in r for r in results["runs"]):
             sys.exit(1)
     else:
-        raise app.UsageError(f"unknown config.experiment {experiment!r}; "
-                             "expected 'quantize' or 'width_sweep'")
+        raise app.UsageError(
+            f"unknown config.experiment {experiment!r}; expected 'quantize' or 'width_sweep'"
+        )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,19 @@ def write_report(path: Path, benchmark: str, rows: list[dict], **options: Any) -
     """Write ``rows`` with the benchmark's name, the date, ``options`` and the machine."""
     import jax  # here, not at import: scale.py's parent process never loads jax
 
-    out = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(), **options,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "jax": jax.__version__, "backend": jax.default_backend(),
-                       "loadavg": list(os.getloadavg())},
-           "rows": rows}
+    out = {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now().isoformat(),
+        **options,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "loadavg": list(os.getloadavg()),
+        },
+        "rows": rows,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

@@ -70,33 +70,58 @@ class Case:
         return self.m // self.batch
 
 
-FULL_CASES = {c.name: c for c in (
-    Case("dense784_m5k", 784, 500, 5_000, 5_000, "dense"),
-    Case("dense784_m25k", 784, 500, 25_000, 5_000, "dense"),
-    Case("conv4608_m50k", 4608, 512, 50_000, 5_000, "conv"),
-    Case("dense4096_m8k", 4096, 4096, 8_192, 4_096, "dense"),
-)}
-QUICK_CASES = {c.name: c for c in (
-    Case("dense784_m5k", 196, 100, 1_000, 1_000, "dense"),
-    Case("dense784_m25k", 196, 64, 4_000, 1_000, "dense"),
-    Case("conv4608_m50k", 576, 128, 8_000, 2_000, "conv"),
-    Case("dense4096_m8k", 512, 512, 2_048, 1_024, "dense"),
-)}
+FULL_CASES = {
+    c.name: c
+    for c in (
+        Case("dense784_m5k", 784, 500, 5_000, 5_000, "dense"),
+        Case("dense784_m25k", 784, 500, 25_000, 5_000, "dense"),
+        Case("conv4608_m50k", 4608, 512, 50_000, 5_000, "conv"),
+        Case("dense4096_m8k", 4096, 4096, 8_192, 4_096, "dense"),
+    )
+}
+QUICK_CASES = {
+    c.name: c
+    for c in (
+        Case("dense784_m5k", 196, 100, 1_000, 1_000, "dense"),
+        Case("dense784_m25k", 196, 64, 4_000, 1_000, "dense"),
+        Case("conv4608_m50k", 576, 128, 8_000, 2_000, "conv"),
+        Case("dense4096_m8k", 512, 512, 2_048, 1_024, "dense"),
+    )
+}
 # (data-form memory limit in GB, data-form time limit in s, timing budget per measurement in s)
 FULL_LIMITS = (4.0, 180.0, 30.0)
 QUICK_LIMITS = (0.002, 5.0, 1.0)  # scaled down so that --quick also exercises the skip path
 
 TARGETS = (
-    ("1_gram_path_vs_data_form", "dense784_m25k", "speedup", ">=", 8.0,
-     "data form time / whole Gram path time (stats + quantization)"),
-    ("2_gram_path_vs_products", "dense784_m25k", "path_vs_products", "<=", 2.0,
-     "whole Gram path / (3 statistics products + one N x N x N_out product)"),
-    ("3_gram_step_vs_matmul", "dense4096_m8k", "quant_vs_matmul", "<=", 2.0,
-     "Gram quantization step / one N x N x N_out product"),
+    (
+        "1_gram_path_vs_data_form",
+        "dense784_m25k",
+        "speedup",
+        ">=",
+        8.0,
+        "data form time / whole Gram path time (stats + quantization)",
+    ),
+    (
+        "2_gram_path_vs_products",
+        "dense784_m25k",
+        "path_vs_products",
+        "<=",
+        2.0,
+        "whole Gram path / (3 statistics products + one N x N x N_out product)",
+    ),
+    (
+        "3_gram_step_vs_matmul",
+        "dense4096_m8k",
+        "quant_vs_matmul",
+        "<=",
+        2.0,
+        "Gram quantization step / one N x N x N_out product",
+    ),
 )
 
 
 # ----------------------------------------------------------------------------- utilities
+
 
 def _gb(v: float) -> str:
     return f"{v:.2f} GB" if v >= 0.1 else f"{v * 1e3:.1f} MB"
@@ -123,8 +148,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def interleave(tasks: dict[str, Callable[[], float]], best: dict[str, float], rounds: int,
-               deadline: float) -> None:
+def interleave(
+    tasks: dict[str, Callable[[], float]], best: dict[str, float], rounds: int, deadline: float
+) -> None:
     """Run the tasks (each returns its own seconds) in turn for up to ``rounds`` rounds, keeping
     the best time of each in ``best``; a round starts only before ``deadline`` (perf_counter).
 
@@ -177,8 +203,11 @@ class GramPath:
         self.case, self.w, self.delta, self.alphabet, self.batch = case, w, delta, alphabet, batch
         self.stats = self.codes = None
         hi = jax.lax.Precision.HIGHEST
-        self._products = jax.jit(lambda x, xq: tuple(
-            jnp.einsum("mi,mj->ij", u, v, precision=hi) for u, v in ((xq, xq), (xq, x), (x, x))))
+        self._products = jax.jit(
+            lambda x, xq: tuple(
+                jnp.einsum("mi,mj->ij", u, v, precision=hi) for u, v in ((xq, xq), (xq, x), (x, x))
+            )
+        )
 
     def _rows(self, i: int):
         import jax
@@ -206,8 +235,9 @@ class GramPath:
         total = 0.0
         for i in range(self.case.batches if batches is None else batches):
             rows, rows_q = self._rows(i)
-            total += timed(lambda rows=rows, rows_q=rows_q: self._products(rows[:, 0],
-                                                                           rows_q[:, 0]))[0]
+            total += timed(
+                lambda rows=rows, rows_q=rows_q: self._products(rows[:, 0], rows_q[:, 0])
+            )[0]
         return total
 
     def quantize(self, block_size: int | None = None) -> float:
@@ -215,8 +245,9 @@ class GramPath:
         from gpfq_jax.gpfq import gpfq_gram_form
 
         h, g = self.stats.hess[0], self.stats.cross[0]
-        t, self.codes = timed(lambda: gpfq_gram_form(self.w, h, g, self.delta, self.alphabet,
-                                                     block_size=block_size))
+        t, self.codes = timed(
+            lambda: gpfq_gram_form(self.w, h, g, self.delta, self.alphabet, block_size=block_size)
+        )
         return t
 
     def run(self) -> float:
@@ -235,8 +266,9 @@ def worker_data(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     spec, w, delta, batch = _problem(case, args.seed)
     # Probe: the same m and N_out on the first few features; time is linear in N.
     p = min(case.n_in, PROBE_FEATURES)
-    xp = jnp.asarray(np.abs(np.random.default_rng([args.seed, 3]).standard_normal(
-        (case.m, p), dtype=np.float32)))
+    xp = jnp.asarray(
+        np.abs(np.random.default_rng([args.seed, 3]).standard_normal((case.m, p), dtype=np.float32))
+    )
     wp = w[:p]
     probe = lambda: gpfq_data_form(wp, xp, xp, delta, spec.alphabet)
     timed(probe)
@@ -259,8 +291,12 @@ def worker_data(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     path.stats_pass(1)
     path.quantize()  # compile both
     best = {"data": t}
-    interleave({"gram_path": path.run, "data": lambda: timed(data)[0]}, best, 3,
-               time.perf_counter() + args.budget_s)
+    interleave(
+        {"gram_path": path.run, "data": lambda: timed(data)[0]},
+        best,
+        3,
+        time.perf_counter() + args.budget_s,
+    )
     res.update(data_s=best["data"], side_gram_path_s=best["gram_path"], load_end=loadavg())
     return res
 
@@ -278,7 +314,7 @@ def worker_gram(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     res["rss_base_mb"] = rss_mib()
     path = GramPath(case, w, delta, spec.alphabet, batch)
     res["stats_first_s"] = path.stats_pass(1)  # compile + one batch
-    res["gram_first_s"] = path.quantize()      # trace + compile + run (same shapes)
+    res["gram_first_s"] = path.quantize()  # trace + compile + run (same shapes)
     start = time.perf_counter()
     best = {"stats": path.stats_pass(), "gram": path.quantize()}
     res["rss_gram_mb"] = rss_mib()  # peak of the whole Gram path: nothing else has run yet
@@ -288,18 +324,30 @@ def worker_gram(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     # Statistics products: right after the first statistics pass, then alternating.
     path.products_pass(1)  # compile
     best["stats_products"] = path.products_pass()
-    interleave({"stats": path.stats_pass, "stats_products": path.products_pass}, best, 2,
-               start + args.budget_s)
+    interleave(
+        {"stats": path.stats_pass, "stats_products": path.products_pass},
+        best,
+        2,
+        start + args.budget_s,
+    )
     # One N x N x N_out product, alternating with the Gram quantization step.
-    a = jnp.asarray(np.random.default_rng([args.seed, 2]).standard_normal(
-        (case.n_in, case.n_in), dtype=np.float32))
+    a = jnp.asarray(
+        np.random.default_rng([args.seed, 2]).standard_normal(
+            (case.n_in, case.n_in), dtype=np.float32
+        )
+    )
     mm = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
     matmul = lambda: timed(lambda: mm(a, w))[0]
     matmul()
-    interleave({"gram": path.quantize, "matmul": matmul}, best, 3,
-               time.perf_counter() + args.budget_s)
-    res.update(stats_s=best["stats"], gram_s=best["gram"], matmul_s=best["matmul"],
-               stats_products_s=best["stats_products"])
+    interleave(
+        {"gram": path.quantize, "matmul": matmul}, best, 3, time.perf_counter() + args.budget_s
+    )
+    res.update(
+        stats_s=best["stats"],
+        gram_s=best["gram"],
+        matmul_s=best["matmul"],
+        stats_products_s=best["stats_products"],
+    )
     res["gram_compile_s"] = max(res["gram_first_s"] - res["gram_s"], 0.0)
 
     # The public API on the same statistics (adds the output-error evaluation and checks);
@@ -319,23 +367,44 @@ def worker_gram(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
             tasks[str(bs)] = lambda bs=bs: path.quantize(bs)
         interleave(tasks, sweep_best, 2, time.perf_counter() + 2 * args.budget_s)
         res["block_sweep"] = [
-            {"block_size": bs, "first_s": first[bs], "steady_s": sweep_best[str(bs)],
-             "matmul_s": sweep_best["matmul"],
-             "vs_matmul": sweep_best[str(bs)] / sweep_best["matmul"],
-             "codes_agree_vs_default": agree[bs]} for bs in args.block_sizes]
+            {
+                "block_size": bs,
+                "first_s": first[bs],
+                "steady_s": sweep_best[str(bs)],
+                "matmul_s": sweep_best["matmul"],
+                "vs_matmul": sweep_best[str(bs)] / sweep_best["matmul"],
+                "codes_agree_vs_default": agree[bs],
+            }
+            for bs in args.block_sizes
+        ]
     res["load_end"] = loadavg()
     return res
 
 
 # ----------------------------------------------------------------------------- driver
 
+
 def run_worker(part: str, case: Case, args: argparse.Namespace, tmp: Path) -> dict:
     """Run one part of one case in a fresh Python process and return its result dict."""
     out = tmp / f"{case.name}_{part}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--cases", case.name,
-           "--worker-dir", str(tmp), "--seed", str(args.seed),
-           "--data-form-max-s", str(args.data_form_max_s), "--budget-s", str(args.budget_s),
-           "--block-sizes", ",".join(map(str, args.block_sizes))]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        part,
+        "--cases",
+        case.name,
+        "--worker-dir",
+        str(tmp),
+        "--seed",
+        str(args.seed),
+        "--data-form-max-s",
+        str(args.data_form_max_s),
+        "--budget-s",
+        str(args.budget_s),
+        "--block-sizes",
+        ",".join(map(str, args.block_sizes)),
+    ]
     if args.quick:
         cmd.append("--quick")
     t0 = time.perf_counter()
@@ -351,8 +420,14 @@ def run_worker(part: str, case: Case, args: argparse.Namespace, tmp: Path) -> di
 
 def measure_case(case: Case, args: argparse.Namespace, tmp: Path) -> dict:
     """Both parts of a case, merged, with the derived ratios."""
-    rec: dict[str, Any] = {"n_in": case.n_in, "n_out": case.n_out, "m": case.m,
-                           "batch": case.batch, "batches": case.batches, "kind": case.kind}
+    rec: dict[str, Any] = {
+        "n_in": case.n_in,
+        "n_out": case.n_out,
+        "m": case.m,
+        "batch": case.batch,
+        "batches": case.batches,
+        "kind": case.kind,
+    }
     rec["data_mem_est_gb"] = mem_gb = case.m * case.n_out * 4 / 1e9  # the residual u
     parts = ("data", "gram")
     if mem_gb > args.data_form_max_gb:
@@ -364,8 +439,11 @@ def measure_case(case: Case, args: argparse.Namespace, tmp: Path) -> dict:
             if k in r:
                 r[f"{part}_{k}"] = r.pop(k)
         rec.update(r)
-        print(f"  [{case.name}] {part} part done ({r.get(f'{part}_worker_wall_s', 0):.1f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  [{case.name}] {part} part done ({r.get(f'{part}_worker_wall_s', 0):.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     if "stats_s" in rec and "gram_s" in rec:
         rec["gram_path_s"] = rec["stats_s"] + rec["gram_s"]
         rec["path_vs_products"] = rec["gram_path_s"] / (rec["stats_products_s"] + rec["matmul_s"])
@@ -387,33 +465,63 @@ def evaluate_targets(cases: dict[str, dict]) -> dict[str, dict]:
     for key, case, field, op, thr, what in TARGETS:
         val = cases.get(case, {}).get(field)
         ok = None if val is None else (val >= thr if op == ">=" else val <= thr)
-        out[key] = {"case": case, "metric": field, "value": val, "op": op, "threshold": thr,
-                    "pass": ok, "description": what}
+        out[key] = {
+            "case": case,
+            "metric": field,
+            "value": val,
+            "op": op,
+            "threshold": thr,
+            "pass": ok,
+            "description": what,
+        }
     return out
 
 
 def markdown_table(cases: dict[str, dict]) -> str:
     """The results as a markdown table (times in seconds, memory in MiB)."""
-    head = ["case", "layer", "m (batches)", "data form s", "stats s", "Gram quant s first/steady",
-            "Gram path s", "data/Gram (alternating)", "codes agree", "3 stats products s",
-            "NxNxN_out mm s", "path/(prods+mm)", "quant/mm", "API s",
-            "peak RSS MiB data/Gram (base)", "load"]
+    head = [
+        "case",
+        "layer",
+        "m (batches)",
+        "data form s",
+        "stats s",
+        "Gram quant s first/steady",
+        "Gram path s",
+        "data/Gram (alternating)",
+        "codes agree",
+        "3 stats products s",
+        "NxNxN_out mm s",
+        "path/(prods+mm)",
+        "quant/mm",
+        "API s",
+        "peak RSS MiB data/Gram (base)",
+        "load",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in cases.items():
         if "data_s" in r:
             data = _f(r["data_s"])
         else:
             data = "skip: " + r.get("data_skipped", r.get("data_error", "?"))
-        row = [name, f"{r['kind']} {r['n_in']}->{r['n_out']}", f"{r['m']:,} ({r['batches']})",
-               data, _f(r.get("stats_s")),
-               f"{_f(r.get('gram_first_s'))} / {_f(r.get('gram_s'))}",
-               _f(r.get("gram_path_s")), _f(r.get("speedup"), "{:.1f}x"),
-               _f(r.get("codes_agreement"), "{:.4f}"), _f(r.get("stats_products_s")),
-               _f(r.get("matmul_s")), _f(r.get("path_vs_products"), "{:.2f}x"),
-               _f(r.get("quant_vs_matmul"), "{:.2f}x"), _f(r.get("api_s")),
-               f"{_f(r.get('rss_data_mb'), '{:.0f}')} / {_f(r.get('rss_gram_mb'), '{:.0f}')} "
-               f"({_f(r.get('rss_base_mb'), '{:.0f}')})",
-               _f((r.get("gram_load_end") or [None])[0], "{:.1f}")]
+        row = [
+            name,
+            f"{r['kind']} {r['n_in']}->{r['n_out']}",
+            f"{r['m']:,} ({r['batches']})",
+            data,
+            _f(r.get("stats_s")),
+            f"{_f(r.get('gram_first_s'))} / {_f(r.get('gram_s'))}",
+            _f(r.get("gram_path_s")),
+            _f(r.get("speedup"), "{:.1f}x"),
+            _f(r.get("codes_agreement"), "{:.4f}"),
+            _f(r.get("stats_products_s")),
+            _f(r.get("matmul_s")),
+            _f(r.get("path_vs_products"), "{:.2f}x"),
+            _f(r.get("quant_vs_matmul"), "{:.2f}x"),
+            _f(r.get("api_s")),
+            f"{_f(r.get('rss_data_mb'), '{:.0f}')} / {_f(r.get('rss_gram_mb'), '{:.0f}')} "
+            f"({_f(r.get('rss_base_mb'), '{:.0f}')})",
+            _f((r.get("gram_load_end") or [None])[0], "{:.1f}"),
+        ]
         if "gram_error" in r:
             row[4] = "error: " + r["gram_error"]
         lines.append("| " + " | ".join(row) + " |")
@@ -424,31 +532,53 @@ def sweep_tables(cases: dict[str, dict]) -> str:
     out = []
     for name, r in cases.items():
         if r.get("block_sweep"):
-            out.append(f"\nBlock-size sweep, {name} (default block {r['block_size']}, "
-                       f"matmul {r['block_sweep'][0]['matmul_s']:.3f} s, alternating):\n")
+            out.append(
+                f"\nBlock-size sweep, {name} (default block {r['block_size']}, "
+                f"matmul {r['block_sweep'][0]['matmul_s']:.3f} s, alternating):\n"
+            )
             out.append("| block size | first s | steady s | steady/mm | codes agree vs default |")
             out.append("|---|---|---|---|---|")
             for s in r["block_sweep"]:
-                out.append(f"| {s['block_size']} | {s['first_s']:.3f} | {s['steady_s']:.3f} | "
-                           f"{s['vs_matmul']:.2f}x | {s['codes_agree_vs_default']:.4f} |")
+                out.append(
+                    f"| {s['block_size']} | {s['first_s']:.3f} | {s['steady_s']:.3f} | "
+                    f"{s['vs_matmul']:.2f}x | {s['codes_agree_vs_default']:.4f} |"
+                )
     return "\n".join(out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (< 30 s)")
-    ap.add_argument("--cases", default=None,
-                    help="comma-separated case names (default: all): " + ",".join(FULL_CASES))
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case names (default: all): " + ",".join(FULL_CASES),
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-form-max-gb", type=float, default=None,
-                    help="skip the data form when m * N_out * 4 bytes exceeds this")
-    ap.add_argument("--data-form-max-s", type=float, default=None,
-                    help="skip the data form when its estimated time exceeds this")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop repeating a measurement after this many seconds")
-    ap.add_argument("--block-sizes", default="",
-                    help="comma-separated Gram-form block sizes to sweep (e.g. 64,128,256,512)")
+    ap.add_argument(
+        "--data-form-max-gb",
+        type=float,
+        default=None,
+        help="skip the data form when m * N_out * 4 bytes exceeds this",
+    )
+    ap.add_argument(
+        "--data-form-max-s",
+        type=float,
+        default=None,
+        help="skip the data form when its estimated time exceeds this",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop repeating a measurement after this many seconds",
+    )
+    ap.add_argument(
+        "--block-sizes",
+        default="",
+        help="comma-separated Gram-form block sizes to sweep (e.g. 64,128,256,512)",
+    )
     ap.add_argument("--worker-timeout-s", type=float, default=3600.0)
     ap.add_argument("--worker", choices=("data", "gram"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
@@ -481,19 +611,30 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "quick": args.quick, "jax": jax.__version__, "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "load_start": loadavg(), "train_py_processes": count_processes("train.py"),
+        "quick": args.quick,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_start": loadavg(),
+        "train_py_processes": count_processes("train.py"),
         "spec": {"bits": 4, "grid": "int", "scale": "max", "per_channel": True},
         "weights": "N(0, 1/N)",
         "inputs": f"x = relu(z), x_quant = relu(z + {NOISE} e), z, e ~ N(0, 1)",
-        "limits": {"data_form_max_gb": args.data_form_max_gb,
-                   "data_form_max_s": args.data_form_max_s, "budget_s": args.budget_s},
+        "limits": {
+            "data_form_max_gb": args.data_form_max_gb,
+            "data_form_max_s": args.data_form_max_s,
+            "budget_s": args.budget_s,
+        },
         "timing": "best of up to 3 runs after one warm-up (stats: best of full passes)",
     }
-    print(f"load average {meta['load_start']} on {meta['cpu_count']} CPUs; "
-          f"{meta['train_py_processes']} train.py process(es) running", file=sys.stderr)
+    print(
+        f"load average {meta['load_start']} on {meta['cpu_count']} CPUs; "
+        f"{meta['train_py_processes']} train.py process(es) running",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     cases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="layer_speed_") as tmp:
@@ -503,9 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     meta["total_s"] = time.perf_counter() - t0
     targets = evaluate_targets(cases)
 
-    print(f"\n## GPFQ layer speed ({'QUICK, shrunken sizes' if args.quick else 'full'}; "
-          f"{meta['backend']}, {meta['cpu_count']} CPUs, load {meta['load_start']} -> "
-          f"{meta['load_end']})\n")
+    print(
+        f"\n## GPFQ layer speed ({'QUICK, shrunken sizes' if args.quick else 'full'}; "
+        f"{meta['backend']}, {meta['cpu_count']} CPUs, load {meta['load_start']} -> "
+        f"{meta['load_end']})\n"
+    )
     print(markdown_table(cases))
     sweeps = sweep_tables(cases)
     if sweeps:
@@ -514,8 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, t in targets.items():
         verdict = "SKIP" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         val = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"{verdict} target {key}: {t['description']} on {t['case']} = {val} "
-              f"(need {t['op']} {t['threshold']:g})")
+        print(
+            f"{verdict} target {key}: {t['description']} on {t['case']} = {val} "
+            f"(need {t['op']} {t['threshold']:g})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "cases": cases, "targets": targets}, indent=1))
     print(f"\nwrote {args.out} ({meta['total_s']:.0f} s)")

@@ -73,13 +73,19 @@ def measure(n: int, n_out: int, repeats: int, seed: int) -> dict:
     w, stats = problem(n, n_out, seed)
     spec = gq.QuantSpec(bits=4, scale="search")
     once, res = best_time(
-        lambda: jax.block_until_ready(gq.quantize_from_stats(w, stats, spec, "gptq").codes),
-        repeats)
+        lambda: jax.block_until_ready(gq.quantize_from_stats(w, stats, spec, "gptq").codes), repeats
+    )
     per_mult, ref = best_time(lambda: search_refactoring(w, stats, spec), repeats)
     agree = float(np.mean(np.asarray(res) == np.asarray(ref)))
-    return {"n_in": n, "n_out": n_out, "multipliers": len(spec.search_grid),
-            "factor_once_s": once, "factor_per_multiplier_s": per_mult,
-            "speedup": per_mult / once, "codes_agree": agree}
+    return {
+        "n_in": n,
+        "n_out": n_out,
+        "multipliers": len(spec.search_grid),
+        "factor_once_s": once,
+        "factor_per_multiplier_s": per_mult,
+        "speedup": per_mult / once,
+        "codes_agree": agree,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     for n, n_out in sizes:
         r = measure(n, n_out, args.repeats, args.seed)
         rows.append(r)
-        print(f"| {n} -> {n_out} | {r['factor_once_s']:.2f} s | "
-              f"{r['factor_per_multiplier_s']:.2f} s | {r['speedup']:.1f}x | "
-              f"{100 * r['codes_agree']:.2f}% |", flush=True)
+        print(
+            f"| {n} -> {n_out} | {r['factor_once_s']:.2f} s | "
+            f"{r['factor_per_multiplier_s']:.2f} s | {r['speedup']:.1f}x | "
+            f"{100 * r['codes_agree']:.2f}% |",
+            flush=True,
+        )
     write_report(args.out, "search_speed", rows, quick=args.quick)
     return 0
 

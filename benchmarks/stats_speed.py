@@ -52,16 +52,23 @@ def measure(name, in_shape, kernel_shape, batch: int, repeats: int, seed: int) -
     rng = np.random.default_rng(seed)
     x = jnp.asarray(np.maximum(rng.normal(size=(batch, *in_shape)), 0), jnp.float32)
     xq = x + 0.05 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])),
-                         jnp.float32)
+    kernel = jnp.asarray(
+        rng.normal(size=kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), jnp.float32
+    )
     n = int(np.prod(kernel_shape[:-1]))
-    geom = (ConvGeometry.create(kernel_shape, 1, "SAME", input_shape=x.shape)
-            if len(kernel_shape) == 4 else None)
-    variants = {"with_f": lambda: StatsAccumulator(n, geom),
-                "kernel_norms": lambda: StatsAccumulator(n, geom, kernel=kernel)}
+    geom = (
+        ConvGeometry.create(kernel_shape, 1, "SAME", input_shape=x.shape)
+        if len(kernel_shape) == 4
+        else None
+    )
+    variants = {
+        "with_f": lambda: StatsAccumulator(n, geom),
+        "kernel_norms": lambda: StatsAccumulator(n, geom, kernel=kernel),
+    }
     if geom is not None:
         variants["kernel_norms_quarter"] = lambda: StatsAccumulator(
-            n, geom, kernel=kernel, patch_fraction=0.25, seed=seed)
+            n, geom, kernel=kernel, patch_fraction=0.25, seed=seed
+        )
     best = {}
     for f in variants.values():  # warm-up (compilation)
         one_batch(f, x, xq)
@@ -70,10 +77,16 @@ def measure(name, in_shape, kernel_shape, batch: int, repeats: int, seed: int) -
             t = one_batch(f, x, xq)
             best[k] = min(best.get(k, np.inf), t)
     rows = batch * (int(np.prod(in_shape[:2])) if geom is not None else 1)
-    return {"layer": name, "rows": rows, "n_in": n, "n_out": kernel_shape[-1],
-            "with_f_s": best["with_f"], "kernel_norms_s": best["kernel_norms"],
-            "speedup": best["with_f"] / best["kernel_norms"],
-            "quarter_patches_s": best.get("kernel_norms_quarter")}
+    return {
+        "layer": name,
+        "rows": rows,
+        "n_in": n,
+        "n_out": kernel_shape[-1],
+        "with_f_s": best["with_f"],
+        "kernel_norms_s": best["kernel_norms"],
+        "speedup": best["with_f"] / best["kernel_norms"],
+        "quarter_patches_s": best.get("kernel_norms_quarter"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(name, in_shape, kernel_shape, b, args.repeats, args.seed)
         results.append(r)
         quarter = r["quarter_patches_s"]
-        print(f"| {name} | {r['rows']:,} | {r['with_f_s']:.3f} s | {r['kernel_norms_s']:.3f} s "
-              f"| {r['speedup']:.2f}x | {'-' if quarter is None else f'{quarter:.3f} s'} |",
-              flush=True)
+        print(
+            f"| {name} | {r['rows']:,} | {r['with_f_s']:.3f} s | {r['kernel_norms_s']:.3f} s "
+            f"| {r['speedup']:.2f}x | {'-' if quarter is None else f'{quarter:.3f} s'} |",
+            flush=True,
+        )
     write_report(args.out, "stats_speed", results, batch=batch, quick=args.quick)
     return 0
 

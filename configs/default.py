@@ -10,5 +10,11 @@ from gpfq_jax.config_defaults import experiment
 
 def get_config() -> ml_collections.ConfigDict:
     # No committed checkpoint: <workdir>/float, trained there first (3 epochs) if missing.
-    return experiment("mnist", "mlp", {"features": (500, 300)}, num_epochs=3,
-                      train_if_missing=True, quant_overrides={"calib_batch_size": 1000})
+    return experiment(
+        "mnist",
+        "mlp",
+        {"features": (500, 300)},
+        num_epochs=3,
+        train_if_missing=True,
+        quant_overrides={"calib_batch_size": 1000},
+    )

@@ -11,8 +11,14 @@ from gpfq_jax.config_defaults import experiment
 def get_config() -> ml_collections.ConfigDict:
     # data: $GPFQ_DATA_DIR, then /usr/share/datasets/fashion-mnist (Debian package)
     return experiment(
-        "fashion_mnist", "mlp", {"features": (500, 300)},
+        "fashion_mnist",
+        "mlp",
+        {"features": (500, 300)},
         num_epochs=30,  # ~2 s/epoch on 2 CPU cores
         float_checkpoint="checkpoints/fashion_mnist_mlp",
-        quant_overrides={"calib_size": 25000, "calib_batch_size": 1000,
-                         "extra_runs": (("ls", "ternary"), ("int_full", 2))})
+        quant_overrides={
+            "calib_size": 25000,
+            "calib_batch_size": 1000,
+            "extra_runs": (("ls", "ternary"), ("int_full", 2)),
+        },
+    )

@@ -20,6 +20,13 @@ from gpfq_jax.config_defaults import imagenet
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """``variant``: "" (the paper's setting) or "quick" (256 calibration images)."""
     # classifier_0 has 25088 inputs: H, G, F take 2.5 GB each, hence smaller batches.
-    return imagenet("vgg16", {"use_bn": False}, variant, zzs_c=0.975,  # SIMODS constant
-                    calib_batch_size=32, eval_batch_size=100, learning_rate=0.01,
-                    weight_decay=5e-4)
+    return imagenet(
+        "vgg16",
+        {"use_bn": False},
+        variant,
+        zzs_c=0.975,  # SIMODS constant
+        calib_batch_size=32,
+        eval_batch_size=100,
+        learning_rate=0.01,
+        weight_decay=5e-4,
+    )

@@ -10,8 +10,14 @@ from gpfq_jax.config_defaults import experiment
 
 def get_config() -> ml_collections.ConfigDict:
     return experiment(
-        "mnist", "mlp", {"features": (500, 300)},
+        "mnist",
+        "mlp",
+        {"features": (500, 300)},
         num_epochs=20,  # ~2 s/epoch on 2 CPU cores
         float_checkpoint="checkpoints/mnist_mlp",
-        quant_overrides={"calib_size": 25000, "calib_batch_size": 1000,
-                         "extra_runs": (("ls", "ternary"), ("int_full", 2))})
+        quant_overrides={
+            "calib_size": 25000,
+            "calib_batch_size": 1000,
+            "extra_runs": (("ls", "ternary"), ("int_full", 2)),
+        },
+    )

@@ -185,8 +185,9 @@ def step_size(w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None)
     return c * base_scale(w, spec.step_rule, spec.channelwise) / spec.alphabet.denominator
 
 
-def round_to_codes(x: jax.Array, delta: jax.Array, alphabet: Alphabet,
-                   uniform: jax.Array | None = None) -> jax.Array:
+def round_to_codes(
+    x: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
+) -> jax.Array:
     """Integer codes (as floats) of the levels nearest to ``x``.
 
     ``delta`` broadcasts against ``x``. With ``uniform`` (same shape as ``x``, in [0, 1)) the
@@ -208,8 +209,9 @@ def codes_to_values(codes: jax.Array, delta: jax.Array, alphabet: Alphabet) -> j
     return delta * (codes + alphabet.offset)
 
 
-def quantize_values(x: jax.Array, delta: jax.Array, alphabet: Alphabet,
-                    uniform: jax.Array | None = None) -> jax.Array:
+def quantize_values(
+    x: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
+) -> jax.Array:
     """``Q_A(x)``: the nearest (or stochastically rounded) level."""
     return codes_to_values(round_to_codes(x, delta, alphabet, uniform), delta, alphabet)
 
@@ -226,10 +228,18 @@ def smallest_int_dtype(alphabet: Alphabet) -> np.dtype:
 def describe(spec: QuantSpec) -> dict:
     """A JSON-friendly summary: grid, bits, levels and storage bits."""
     a = spec.alphabet
-    return {"bits": spec.bits, "grid": spec.grid, "scale": spec.scale or spec.step_rule,
-            "c": spec.c, "per_channel": spec.channelwise, "levels": a.levels,
-            "storage_bits": a.storage_bits, "rounding": spec.rounding,
-            "sparsity": spec.sparsity, "lam": spec.lam}
+    return {
+        "bits": spec.bits,
+        "grid": spec.grid,
+        "scale": spec.scale or spec.step_rule,
+        "c": spec.c,
+        "per_channel": spec.channelwise,
+        "levels": a.levels,
+        "storage_bits": a.storage_bits,
+        "rounding": spec.rounding,
+        "sparsity": spec.sparsity,
+        "lam": spec.lam,
+    }
 
 
 def as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
@@ -244,7 +254,18 @@ def as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
 
 
 __all__: Sequence[str] = (
-    "QuantSpec", "Alphabet", "make_alphabet", "base_scale", "step_size", "round_to_codes",
-    "codes_to_values", "quantize_values", "smallest_int_dtype", "describe", "as_spec",
-    "GRIDS", "SCALE_RULES", "DEFAULT_SEARCH_GRID",
+    "QuantSpec",
+    "Alphabet",
+    "make_alphabet",
+    "base_scale",
+    "step_size",
+    "round_to_codes",
+    "codes_to_values",
+    "quantize_values",
+    "smallest_int_dtype",
+    "describe",
+    "as_spec",
+    "GRIDS",
+    "SCALE_RULES",
+    "DEFAULT_SEARCH_GRID",
 )

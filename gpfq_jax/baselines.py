@@ -21,8 +21,9 @@ from gpfq_jax.gpfq import default_block_size
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def rtn_codes(w: jax.Array, delta: jax.Array, alphabet: Alphabet,
-              uniform: jax.Array | None = None) -> jax.Array:
+def rtn_codes(
+    w: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
+) -> jax.Array:
     """Round each weight to the nearest level (stochastically with ``uniform``): (N, N_out)."""
     return round_to_codes(w, delta, alphabet, uniform)
 
@@ -38,8 +39,8 @@ def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
     lower = jnp.linalg.cholesky(h)
     eye = jnp.eye(n, dtype=h.dtype)
     linv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
-    hinv = jnp.dot(linv.T, linv, precision=HIGHEST)           # H^{-1}
-    upper = jnp.linalg.cholesky(hinv).T                         # H^{-1} = U^T U
+    hinv = jnp.dot(linv.T, linv, precision=HIGHEST)  # H^{-1}
+    upper = jnp.linalg.cholesky(hinv).T  # H^{-1} = U^T U
     return w, upper
 
 
@@ -57,8 +58,9 @@ class GptqFactor(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("act_order",))
-def gptq_factor(w: jax.Array, hess: jax.Array, *, damp: float = 0.01,
-                act_order: bool = False) -> GptqFactor:
+def gptq_factor(
+    w: jax.Array, hess: jax.Array, *, damp: float = 0.01, act_order: bool = False
+) -> GptqFactor:
     """Order the features, damp H (N, N) and factor its inverse for weights ``w`` (N, N_out)."""
     n = w.shape[0]
     perm = jnp.argsort(-jnp.diagonal(hess)) if act_order else jnp.arange(n)
@@ -67,8 +69,9 @@ def gptq_factor(w: jax.Array, hess: jax.Array, *, damp: float = 0.01,
 
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "block_size"))
-def gptq_codes_from_factor(factor: GptqFactor, delta: jax.Array, alphabet: Alphabet, *,
-                           block_size: int | None = None) -> jax.Array:
+def gptq_codes_from_factor(
+    factor: GptqFactor, delta: jax.Array, alphabet: Alphabet, *, block_size: int | None = None
+) -> jax.Array:
     """GPTQ codes (N, N_out) in the original feature order, steps ``delta`` (N_out,)."""
     w, upper, perm = factor
     n = w.shape[0]
@@ -94,9 +97,16 @@ def gptq_codes_from_factor(factor: GptqFactor, delta: jax.Array, alphabet: Alpha
     return codes[jnp.argsort(perm)]
 
 
-def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphabet, *,
-               damp: float = 0.01, block_size: int | None = None,
-               act_order: bool = False) -> jax.Array:
+def gptq_codes(
+    w: jax.Array,
+    hess: jax.Array,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    *,
+    damp: float = 0.01,
+    block_size: int | None = None,
+    act_order: bool = False,
+) -> jax.Array:
     """GPTQ codes (N, N_out) for weights ``w`` (N, N_out), H = X~^T X~ (N, N), steps (N_out,).
 
     ``gptq_factor`` then ``gptq_codes_from_factor``; to try several steps on one layer, factor
@@ -106,5 +116,11 @@ def gptq_codes(w: jax.Array, hess: jax.Array, delta: jax.Array, alphabet: Alphab
     return gptq_codes_from_factor(factor, delta, alphabet, block_size=block_size)
 
 
-__all__ = ["rtn_codes", "gptq_codes", "gptq_factor", "gptq_codes_from_factor", "gptq_prepare",
-           "GptqFactor"]
+__all__ = [
+    "rtn_codes",
+    "gptq_codes",
+    "gptq_factor",
+    "gptq_codes_from_factor",
+    "gptq_prepare",
+    "GptqFactor",
+]

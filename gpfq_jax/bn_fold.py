@@ -62,8 +62,10 @@ def fold_arrays(kernel, bias, gamma, beta, mean, var, epsilon: float) -> Folded:
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     m, v = f64(mean), f64(var)
     if m.shape != (cout,) or v.shape != (cout,):
-        raise ValueError(f"BatchNorm statistics of shape {m.shape} do not match the layer's "
-                         f"{cout} output channels")
+        raise ValueError(
+            f"BatchNorm statistics of shape {m.shape} do not match the layer's "
+            f"{cout} output channels"
+        )
     g = np.ones(cout) if gamma is None else f64(gamma)
     b = np.zeros(cout) if beta is None else f64(beta)
     s = g / np.sqrt(v + epsilon)
@@ -78,8 +80,14 @@ def fold_arrays(kernel, bias, gamma, beta, mean, var, epsilon: float) -> Folded:
         new_b = None
         new_mean = (-shift).astype(mdt)
     vdt = np.asarray(var).dtype
-    return Folded(new_k, new_b, like(gamma, np.ones(cout)), like(beta, np.zeros(cout)),
-                  new_mean, np.full(cout, identity_var(epsilon, vdt), vdt))
+    return Folded(
+        new_k,
+        new_b,
+        like(gamma, np.ones(cout)),
+        like(beta, np.zeros(cout)),
+        new_mean,
+        np.full(cout, identity_var(epsilon, vdt), vdt),
+    )
 
 
 # --------------------------------------------------------------------------- Linen
@@ -109,12 +117,23 @@ def fold_linen(variables: Mapping, pairs: Sequence[BNFollow]) -> Mapping:
     for p in pairs:
         params, bnp = ("params", *p.path), ("params", *p.bn_path)
         bstats = ("batch_stats", *p.bn_path)
-        f = fold_arrays(get_in(out, (*params, "kernel")), get_in(out, (*params, "bias")),
-                        get_in(out, (*bnp, "scale")), get_in(out, (*bnp, "bias")),
-                        get_in(out, (*bstats, "mean")), get_in(out, (*bstats, "var")), p.epsilon)
-        updates = [((*params, "kernel"), f.kernel), ((*params, "bias"), f.bias),
-                   ((*bnp, "scale"), f.bn_scale), ((*bnp, "bias"), f.bn_bias),
-                   ((*bstats, "mean"), f.bn_mean), ((*bstats, "var"), f.bn_var)]
+        f = fold_arrays(
+            get_in(out, (*params, "kernel")),
+            get_in(out, (*params, "bias")),
+            get_in(out, (*bnp, "scale")),
+            get_in(out, (*bnp, "bias")),
+            get_in(out, (*bstats, "mean")),
+            get_in(out, (*bstats, "var")),
+            p.epsilon,
+        )
+        updates = [
+            ((*params, "kernel"), f.kernel),
+            ((*params, "bias"), f.bias),
+            ((*bnp, "scale"), f.bn_scale),
+            ((*bnp, "bias"), f.bn_bias),
+            ((*bstats, "mean"), f.bn_mean),
+            ((*bstats, "var"), f.bn_var),
+        ]
         for path, val in updates:
             if val is not None:
                 out = replace_in(out, path, jnp.asarray(val))
@@ -140,13 +159,34 @@ def fold_nnx(model: nnx.Module, pairs: Sequence[BNFollow]) -> None:
     """Fold every pair in place. Only call this on a private copy (``nnx.clone``)."""
     for p in pairs:
         layer, bn = module_at(model, p.path), module_at(model, p.bn_path)
-        f = fold_arrays(_value(layer.kernel), _value(layer.bias), _value(bn.scale),
-                        _value(bn.bias), _value(bn.mean), _value(bn.var), p.epsilon)
-        for var, val in ((layer.kernel, f.kernel), (layer.bias, f.bias), (bn.scale, f.bn_scale),
-                         (bn.bias, f.bn_bias), (bn.mean, f.bn_mean), (bn.var, f.bn_var)):
+        f = fold_arrays(
+            _value(layer.kernel),
+            _value(layer.bias),
+            _value(bn.scale),
+            _value(bn.bias),
+            _value(bn.mean),
+            _value(bn.var),
+            p.epsilon,
+        )
+        for var, val in (
+            (layer.kernel, f.kernel),
+            (layer.bias, f.bias),
+            (bn.scale, f.bn_scale),
+            (bn.bias, f.bn_bias),
+            (bn.mean, f.bn_mean),
+            (bn.var, f.bn_var),
+        ):
             if var is not None and val is not None:
                 var.set_value(jnp.asarray(val))
 
 
-__all__ = ["Folded", "identity_var", "fold_arrays", "fold_linen", "fold_nnx", "module_at",
-           "get_in", "replace_in"]
+__all__ = [
+    "Folded",
+    "identity_var",
+    "fold_arrays",
+    "fold_linen",
+    "fold_nnx",
+    "module_at",
+    "get_in",
+    "replace_in",
+]

@@ -126,8 +126,9 @@ def _linen_kernel_shape(params: Any, path: Path) -> tuple[int, ...] | None:
     return tuple(node.shape)
 
 
-def _linen_trace(model: nn.Module, variables: Mapping, x: Any, apply_kwargs: dict
-                 ) -> list[BNFollow]:
+def _linen_trace(
+    model: nn.Module, variables: Mapping, x: Any, apply_kwargs: dict
+) -> list[BNFollow]:
     result: list[BNFollow] = []
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
 
@@ -143,8 +144,9 @@ def _linen_trace(model: nn.Module, variables: Mapping, x: Any, apply_kwargs: dic
             x_in = _first_input(args, kwargs)
             if kind == "bn":
                 reason = _bn_reason(module, x_in, args, kwargs)
-                events.append(_Event(path, "bn", x_in, reason=reason,
-                                     epsilon=float(module.epsilon)))
+                events.append(
+                    _Event(path, "bn", x_in, reason=reason, epsilon=float(module.epsilon))
+                )
                 return next_fun(*args, **kwargs)
             kshape = _linen_kernel_shape(params, path)
             if kshape is not None:
@@ -165,8 +167,9 @@ def _linen_trace(model: nn.Module, variables: Mapping, x: Any, apply_kwargs: dic
 
 # --------------------------------------------------------------------------- NNX
 
-_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("gpfq_calls_hook",
-                                                                      default=None)
+_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "gpfq_calls_hook", default=None
+)
 
 
 @functools.cache
@@ -176,8 +179,9 @@ def _recording(base: type) -> type:
         call = lambda: base.__call__(self, *args, **kwargs)  # noqa: E731
         return call() if hook is None else hook(self, args, kwargs, call)
 
-    return type(base)(f"_Traced{base.__name__}", (base,), {"__call__": __call__,
-                                                          "__module__": __name__})
+    return type(base)(
+        f"_Traced{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__}
+    )
 
 
 @contextlib.contextmanager
@@ -215,8 +219,15 @@ def _nnx_trace(model: nnx.Module, x: Any, apply_kwargs: dict) -> list[BNFollow]:
         def hook(mod, args, kwargs, call):
             path, kind, x_in = paths[id(mod)], _nnx_kind(mod), _first_input(args, kwargs)
             if kind == "bn":
-                events.append(_Event(path, "bn", x_in, reason=_bn_reason(mod, x_in, args, kwargs),
-                                     epsilon=float(mod.epsilon)))
+                events.append(
+                    _Event(
+                        path,
+                        "bn",
+                        x_in,
+                        reason=_bn_reason(mod, x_in, args, kwargs),
+                        epsilon=float(mod.epsilon),
+                    )
+                )
                 return call()
             groups = mod.feature_group_count if kind == "conv" else 1
             _check_fit(_name(path), x_in, tuple(mod.kernel[...].shape), kind, groups)

@@ -245,8 +245,15 @@ def _module_conv_fields(module: Any, shape: tuple[int, ...], path: Path):
     """``_conv_fields`` of a Linen nn.Conv or NNX nnx.Conv module (same attribute names)."""
     if module.mask is not None:
         raise NotImplementedError(f"masked conv layer {_name(path)!r} is not supported")
-    return _conv_fields(module.kernel_size, module.strides, module.padding,
-                        module.input_dilation, module.kernel_dilation, shape, path)
+    return _conv_fields(
+        module.kernel_size,
+        module.strides,
+        module.padding,
+        module.input_dilation,
+        module.kernel_dilation,
+        shape,
+        path,
+    )
 
 
 def _linen_record(module: nn.Module, kind: str, x: Any, params: Any) -> dict[str, Any]:

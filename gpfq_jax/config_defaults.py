@@ -39,8 +39,14 @@ def quant(**overrides: Any) -> ml_collections.ConfigDict:
     return q
 
 
-def experiment(dataset: str, model: str, model_kwargs: dict, *,
-               quant_overrides: dict | None = None, **overrides: Any) -> ml_collections.ConfigDict:
+def experiment(
+    dataset: str,
+    model: str,
+    model_kwargs: dict,
+    *,
+    quant_overrides: dict | None = None,
+    **overrides: Any,
+) -> ml_collections.ConfigDict:
     """A train.py + quantize.py config: defaults (AdamW MLP training) updated by ``overrides``."""
     c = ml_collections.ConfigDict()
     c.dataset = dataset
@@ -69,8 +75,15 @@ def experiment(dataset: str, model: str, model_kwargs: dict, *,
     return c
 
 
-def imagenet(model: str, model_kwargs: dict, variant: str, *, zzs_c: float,
-             calib_batch_size: int = 64, **overrides: Any) -> ml_collections.ConfigDict:
+def imagenet(
+    model: str,
+    model_kwargs: dict,
+    variant: str,
+    *,
+    zzs_c: float,
+    calib_batch_size: int = 64,
+    **overrides: Any,
+) -> ml_collections.ConfigDict:
     """ImageNet (tfds imagenet2012, manual download) whole-model configs.
 
     ``variant``: "" (m = 2048 calibration images, as the SIMODS paper) or "quick" (256).
@@ -93,13 +106,28 @@ def imagenet(model: str, model_kwargs: dict, variant: str, *, zzs_c: float,
     """
     if variant not in ("", "quick"):
         raise ValueError(f"unknown variant {variant!r}; use '' or 'quick'")
-    defaults = dict(batch_size=256, eval_batch_size=250, num_epochs=90, optimizer="sgd",
-                    learning_rate=0.1, val_size=0)
-    c = experiment("imagenet2012", model, model_kwargs, **{**defaults, **overrides},
-                   quant_overrides={"calib_size": 256 if variant == "quick" else 2048,
-                                    "calib_batch_size": calib_batch_size, "bits": (3, 4, 5),
-                                    "grids": ("zzs", "int"), "c": zzs_c,
-                                    "per_channel": True})  # int grid; zzs is per layer
+    defaults = dict(
+        batch_size=256,
+        eval_batch_size=250,
+        num_epochs=90,
+        optimizer="sgd",
+        learning_rate=0.1,
+        val_size=0,
+    )
+    c = experiment(
+        "imagenet2012",
+        model,
+        model_kwargs,
+        **{**defaults, **overrides},
+        quant_overrides={
+            "calib_size": 256 if variant == "quick" else 2048,
+            "calib_batch_size": calib_batch_size,
+            "bits": (3, 4, 5),
+            "grids": ("zzs", "int"),
+            "c": zzs_c,
+            "per_channel": True,
+        },
+    )  # int grid; zzs is per layer
     c.weights = config_dict.placeholder(str)  # Flax checkpoint; None: random init
     c.image_size = 224  # center crop after resizing the short side to 256
     return c

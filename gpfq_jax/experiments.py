@@ -62,8 +62,12 @@ class Run:
         return f"{self.method}_{self.grid}_{self.bits}"
 
 
-def run_grid(methods: Iterable[str], grids: Iterable[str], bits: Iterable[Bits],
-             extra: Iterable[Sequence[Any]] = ()) -> list[Run]:
+def run_grid(
+    methods: Iterable[str],
+    grids: Iterable[str],
+    bits: Iterable[Bits],
+    extra: Iterable[Sequence[Any]] = (),
+) -> list[Run]:
     """methods x (grids x bits, then the ``extra`` (grid, bits) pairs), without duplicates."""
     pairs = [(g, _bits(b)) for g in grids for b in bits]
     pairs += [(g, _bits(b)) for g, b in extra]
@@ -84,8 +88,15 @@ def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
     """An earlier run of the same method and grid with the same alphabet (the "int" grid at
     2 bits is ternary), whose result ``run`` can reuse; None if there is none."""
     alphabet = make_alphabet(run.bits, run.grid)
-    return next((e for e in earlier if (e.method, e.grid) == (run.method, run.grid)
-                 and make_alphabet(e.bits, e.grid) == alphabet), None)
+    return next(
+        (
+            e
+            for e in earlier
+            if (e.method, e.grid) == (run.method, run.grid)
+            and make_alphabet(e.bits, e.grid) == alphabet
+        ),
+        None,
+    )
 
 
 def reused_record(record: dict, run: Run) -> dict:
@@ -93,8 +104,9 @@ def reused_record(record: dict, run: Run) -> dict:
     return {**record, "name": run.name, "bits": run.bits, "same_as": record["name"]}
 
 
-def make_spec(run: Run, scale: str | None, c: float = 1.0,
-              per_channel: bool | None = None) -> QuantSpec:
+def make_spec(
+    run: Run, scale: str | None, c: float = 1.0, per_channel: bool | None = None
+) -> QuantSpec:
     """The run's QuantSpec; ``per_channel=None`` keeps the grid's default."""
     return QuantSpec(bits=run.bits, grid=run.grid, scale=scale, c=c, per_channel=per_channel)
 
@@ -102,8 +114,18 @@ def make_spec(run: Run, scale: str | None, c: float = 1.0,
 # --------------------------------------------------------------------------- one run
 
 
-_LAYER_KEYS = ("layer", "kind", "shape", "rel_error", "rows", "bias_corrected", "seconds",
-               "capture_seconds", "stats_seconds", "quant_seconds")
+_LAYER_KEYS = (
+    "layer",
+    "kind",
+    "shape",
+    "rel_error",
+    "rows",
+    "bias_corrected",
+    "seconds",
+    "capture_seconds",
+    "stats_seconds",
+    "quant_seconds",
+)
 
 
 def _c_summary(c: Any) -> dict[str, Any]:
@@ -116,8 +138,10 @@ def _c_summary(c: Any) -> dict[str, Any]:
 
 def run_summary(res: QuantizeResult) -> dict[str, Any]:
     """Per-layer records and the capture/stats/quant time split of a quantize_params result."""
-    layers = [{**{k: v for k, v in r.summary().items() if k in _LAYER_KEYS}, **_c_summary(r.c)}
-              for r in res.layers]
+    layers = [
+        {**{k: v for k, v in r.summary().items() if k in _LAYER_KEYS}, **_c_summary(r.c)}
+        for r in res.layers
+    ]
     first = res.layers[0]
     return {
         **{k: v for k, v in describe(first.spec).items() if k != "c"},
@@ -133,10 +157,16 @@ def run_summary(res: QuantizeResult) -> dict[str, Any]:
     }
 
 
-def execute_run(run: Run, quantize: Callable[[QuantSpec], QuantizeResult],
-                evaluate: Callable[[Any, str], float], *, scale: str | None,
-                c: float = 1.0, per_channel: bool | None = None,
-                c_grid_val: Sequence[float] | None = None) -> tuple[dict[str, Any], QuantizeResult]:
+def execute_run(
+    run: Run,
+    quantize: Callable[[QuantSpec], QuantizeResult],
+    evaluate: Callable[[Any, str], float],
+    *,
+    scale: str | None,
+    c: float = 1.0,
+    per_channel: bool | None = None,
+    c_grid_val: Sequence[float] | None = None,
+) -> tuple[dict[str, Any], QuantizeResult]:
     """Quantize and evaluate one run.
 
     quantize(spec) -> QuantizeResult; evaluate(variables, split) -> accuracy for split in
@@ -158,24 +188,29 @@ def execute_run(run: Run, quantize: Callable[[QuantSpec], QuantizeResult],
             acc = evaluate(cand.variables, "val")
             if acc is None:
                 raise ValueError("c_grid_val needs a validation split (val_size > 0)")
-            curve.append({"c": float(cv), "val_accuracy": acc,
-                          "seconds": cand.seconds})
+            curve.append({"c": float(cv), "val_accuracy": acc, "seconds": cand.seconds})
             if best is None or acc > best[1]:
                 best = (cand, acc)
         res, val = best
         c_choice = "val"
-    record = {"name": run.name, "method": run.method, **run_summary(res),
-              "c_choice": c_choice, "val_accuracy": val,
-              "test_accuracy": evaluate(res.variables, "test"),
-              "wall_seconds": time.perf_counter() - start}
+    record = {
+        "name": run.name,
+        "method": run.method,
+        **run_summary(res),
+        "c_choice": c_choice,
+        "val_accuracy": val,
+        "test_accuracy": evaluate(res.variables, "test"),
+        "wall_seconds": time.perf_counter() - start,
+    }
     if curve is not None:
         record["c_val_curve"] = curve
         record["seconds"]["c_selection"] = sum(p["seconds"] for p in curve)
     return record, res
 
 
-def quantizer(model: Any, variables: Any, calib: np.ndarray, method: str,
-              **kwargs: Any) -> Callable[[QuantSpec], QuantizeResult]:
+def quantizer(
+    model: Any, variables: Any, calib: np.ndarray, method: str, **kwargs: Any
+) -> Callable[[QuantSpec], QuantizeResult]:
     """``spec -> quantize_params(model, variables, calib, spec, method, **kwargs)``."""
     return lambda spec: quantize_params(model, variables, calib, spec, method, **kwargs)
 
@@ -204,8 +239,11 @@ def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
     cell = {(r["method"], r["grid"], r["bits"]): r[key] for r in runs}
     fl = results["float"].get(key)
     head = ["method", *(_bits_label(b) for b in cols)]
-    lines = [_md_row(head), _md_row(["---"] * len(head)),
-             _md_row(["float", *([_pct(fl)] * len(cols))])]
+    lines = [
+        _md_row(head),
+        _md_row(["---"] * len(head)),
+        _md_row(["float", *([_pct(fl)] * len(cols))]),
+    ]
     for m, g in rows:
         lines.append(_md_row([f"{m.upper()} {g}", *(_pct(cell.get((m, g, b))) for b in cols)]))
     return "\n".join(lines)
@@ -214,23 +252,51 @@ def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
 def runs_table(results: dict) -> str:
     """Markdown table of every run: levels, storage bits, val/test accuracy, per-layer relative
     error, chosen c (mean over channels) and the capture/stats/quant seconds."""
-    head = ["run", "levels", "storage bits", "val %", "test %", "rel. error per layer",
-            "mean c", "total s", "capture s", "stats s", "quant s"]
+    head = [
+        "run",
+        "levels",
+        "storage bits",
+        "val %",
+        "test %",
+        "rel. error per layer",
+        "mean c",
+        "total s",
+        "capture s",
+        "stats s",
+        "quant s",
+    ]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for r in results["runs"]:
         if "error" in r:
             lines.append(_md_row([r["name"], f"FAILED: {r['error']}", *[""] * (len(head) - 2)]))
             continue
         if "same_as" in r:
-            lines.append(_md_row([r["name"], f"same alphabet as {r['same_as']}: reused",
-                                  *[""] * (len(head) - 2)]))
+            lines.append(
+                _md_row(
+                    [r["name"], f"same alphabet as {r['same_as']}: reused", *[""] * (len(head) - 2)]
+                )
+            )
             continue
         s = r["seconds"]
         errs = " / ".join(f"{lay['rel_error']:.3f}" for lay in r["layers"])
         c = " / ".join(f"{lay['c']:.2f}" for lay in r["layers"])
-        lines.append(_md_row([r["name"], r["levels"], r["storage_bits"], _pct(r["val_accuracy"]),
-                              _pct(r["test_accuracy"]), errs, c, f"{s['total']:.1f}",
-                              f"{s['capture']:.1f}", f"{s['stats']:.1f}", f"{s['quant']:.1f}"]))
+        lines.append(
+            _md_row(
+                [
+                    r["name"],
+                    r["levels"],
+                    r["storage_bits"],
+                    _pct(r["val_accuracy"]),
+                    _pct(r["test_accuracy"]),
+                    errs,
+                    c,
+                    f"{s['total']:.1f}",
+                    f"{s['capture']:.1f}",
+                    f"{s['stats']:.1f}",
+                    f"{s['quant']:.1f}",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -251,8 +317,11 @@ def results_markdown(results: dict) -> str:
         f"Float checkpoint: `{results['float_checkpoint']}`",
         f"Calibration: {cal['size']} images from the {cal['split']} split "
         f"(seed {cal['seed']}, batches of {cal['batch_size']}"
-        + (f", {cal['patch_fraction']:.0%} of conv patches" if cal.get("patch_fraction", 1) < 1
-           else "")
+        + (
+            f", {cal['patch_fraction']:.0%} of conv patches"
+            if cal.get("patch_fraction", 1) < 1
+            else ""
+        )
         + f"); step constant: {results['c_selection']}.",
         f"Float accuracy: test {_pct(f['test_accuracy'])}%, val {_pct(f.get('val_accuracy'))}%.",
         "",
@@ -276,9 +345,12 @@ def results_markdown(results: dict) -> str:
         + f"(wall time of the whole script: {results.get('seconds_total', 0):.0f} s).",
     ]
     if any("same_as" in r for r in results["runs"]):
-        lines += ["", "Note: the \"int\" grid at 2 bits is {-1, 0, 1} x step, the same alphabet "
-                      "as ternary (its row repeats the ternary run); \"int_full\" 2-bit has the "
-                      "4 levels {-2, -1, 0, 1} x step."]
+        lines += [
+            "",
+            'Note: the "int" grid at 2 bits is {-1, 0, 1} x step, the same alphabet '
+            'as ternary (its row repeats the ternary run); "int_full" 2-bit has the '
+            "4 levels {-2, -1, 0, 1} x step.",
+        ]
     failed = [r for r in results["runs"] if "error" in r]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed: " + ", ".join(r["name"] for r in failed)]
@@ -322,12 +394,19 @@ def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
     runs = _ok(results["runs"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
-        pts = sorted((bits_x(r["bits"]), 100 * r["test_accuracy"]) for r in runs
-                     if (r["method"], r["grid"]) == (m, g))
-        ax.plot(*zip(*pts), marker=_MARKERS.get(g, "x"), color=_COLORS.get(m),
-                linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")
-    ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--",
-               label="float")
+        pts = sorted(
+            (bits_x(r["bits"]), 100 * r["test_accuracy"])
+            for r in runs
+            if (r["method"], r["grid"]) == (m, g)
+        )
+        ax.plot(
+            *zip(*pts),
+            marker=_MARKERS.get(g, "x"),
+            color=_COLORS.get(m),
+            linestyle="-" if g == "int" else ":",
+            label=f"{m.upper()} {g}",
+        )
+    ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--", label="float")
     xs = sorted({r["bits"] for r in runs}, key=bits_x)
     ax.set_xticks([bits_x(b) for b in xs], ["tern." if b == "ternary" else str(b) for b in xs])
     ax.set_xlabel("bits")
@@ -342,8 +421,10 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
     """Per-layer relative error, one panel per (grid, bits), one line per method."""
     plt = _pyplot()
     runs = [r for r in _ok(results["runs"]) if "same_as" not in r]
-    panels = sorted(dict.fromkeys((r["grid"], r["bits"]) for r in runs),
-                    key=lambda p: (p[0] != "int", p[0], bits_x(p[1])))
+    panels = sorted(
+        dict.fromkeys((r["grid"], r["bits"]) for r in runs),
+        key=lambda p: (p[0] != "int", p[0], bits_x(p[1])),
+    )
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -352,15 +433,20 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
             if (r["grid"], r["bits"]) != (g, b):
                 continue
             errs = [lay["rel_error"] for lay in r["layers"]]
-            ax.plot(range(len(errs)), errs, marker="o", color=_COLORS.get(r["method"]),
-                    label=r["method"].upper())
+            ax.plot(
+                range(len(errs)),
+                errs,
+                marker="o",
+                color=_COLORS.get(r["method"]),
+                label=r["method"].upper(),
+            )
         names = [lay["layer"] for lay in runs[0]["layers"]]
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{g} {_bits_label(b)}", fontsize=9)
         ax.set_ylabel("relative error")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     save_figure_atomic(fig, path)
@@ -380,10 +466,16 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def width_sweep(widths: Sequence[int], m: int, neurons: int, seeds: Sequence[int],
-                spec: QuantSpec, methods: Sequence[str] = ("gpfq", "rtn", "gptq"),
-                max_width: dict[str, int] | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def width_sweep(
+    widths: Sequence[int],
+    m: int,
+    neurons: int,
+    seeds: Sequence[int],
+    spec: QuantSpec,
+    methods: Sequence[str] = ("gpfq", "rtn", "gptq"),
+    max_width: dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """One Dense layer on Gaussian data: relative error ||XW - XQ||/||XW|| vs width N.
 
     For each N and seed, draws (X, W) with :func:`gaussian_layer`, computes the statistics
@@ -409,20 +501,27 @@ def width_sweep(widths: Sequence[int], m: int, neurons: int, seeds: Sequence[int
                 seconds[meth] += time.perf_counter() - t0
             bar.update(1)
     bar.close()
-    mean = {meth: [float(np.mean(e)) if e else None for e in errs]
-            for meth, errs in errors.items()}
+    mean = {meth: [float(np.mean(e)) if e else None for e in errs] for meth, errs in errors.items()}
     std = {meth: [float(np.std(e)) if e else None for e in errs] for meth, errs in errors.items()}
     return {
-        "widths": list(widths), "m": m, "neurons": neurons, "seeds": list(seeds),
-        "spec": describe(spec), "methods": list(methods), "max_width": dict(max_width),
-        "errors": errors, "mean": mean, "std": std,
+        "widths": list(widths),
+        "m": m,
+        "neurons": neurons,
+        "seeds": list(seeds),
+        "spec": describe(spec),
+        "methods": list(methods),
+        "max_width": dict(max_width),
+        "errors": errors,
+        "mean": mean,
+        "std": std,
         "slope": {meth: _slope(widths, mean[meth]) for meth in methods},
         "seconds": seconds,
     }
 
 
-def _slope(widths: Sequence[int], values: Sequence[float | None],
-           min_width: int = 0) -> float | None:
+def _slope(
+    widths: Sequence[int], values: Sequence[float | None], min_width: int = 0
+) -> float | None:
     """Log-log slope over the widths >= ``min_width`` that have a value (None if < 2)."""
     pts = [(n, v) for n, v in zip(widths, values) if v is not None and n >= min_width]
     return loglog_slope(*zip(*pts)) if len(pts) >= 2 else None
@@ -430,8 +529,10 @@ def _slope(widths: Sequence[int], values: Sequence[float | None],
 
 def tail_slopes(result: dict, min_width: int) -> dict[str, float | None]:
     """Per-method log-log slopes over the widths N >= ``min_width`` only."""
-    return {meth: _slope(result["widths"], result["mean"][meth], min_width)
-            for meth in result["methods"]}
+    return {
+        meth: _slope(result["widths"], result["mean"][meth], min_width)
+        for meth in result["methods"]
+    }
 
 
 def width_sweep_markdown(result: dict) -> str:
@@ -446,23 +547,34 @@ def width_sweep_markdown(result: dict) -> str:
         f"{result['spec']['bits']} ({result['spec']['levels']} levels), step rule "
         f"{result['spec']['scale']}, per_channel={result['spec']['per_channel']}.",
         "",
-        _md_row(head), _md_row(["---"] * len(head)),
+        _md_row(head),
+        _md_row(["---"] * len(head)),
     ]
     for i, n in enumerate(result["widths"]):
         cells = [_mean_std(result, m, i) for m in methods]
-        ratio = (f"{result['mean']['gpfq'][i] / result['mean']['rtn'][i]:.3f}"
-                 if {"gpfq", "rtn"} <= set(methods) else "-")
+        ratio = (
+            f"{result['mean']['gpfq'][i] / result['mean']['rtn'][i]:.3f}"
+            if {"gpfq", "rtn"} <= set(methods)
+            else "-"
+        )
         lines.append(_md_row([n, *cells, ratio]))
-    lines += ["", "Fitted log-log slopes of the mean (relative error ~ N^slope), all N: "
-              + _slopes(result["slope"])]
+    lines += [
+        "",
+        "Fitted log-log slopes of the mean (relative error ~ N^slope), all N: "
+        + _slopes(result["slope"]),
+    ]
     if "tail_slope" in result:
         lines.append(f"Over N >= m = {result['m']} only: " + _slopes(result["tail_slope"]))
     skipped = {m: w for m, w in result.get("max_width", {}).items() if w < max(result["widths"])}
     if skipped:
-        lines.append("Skipped (too slow): " + ", ".join(
-            f"{m.upper()} above N = {w}" for m, w in skipped.items()))
-    lines.append("Quantization seconds per method (all N and seeds): " + ", ".join(
-        f"{m.upper()} {result['seconds'][m]:.1f}" for m in methods))
+        lines.append(
+            "Skipped (too slow): "
+            + ", ".join(f"{m.upper()} above N = {w}" for m, w in skipped.items())
+        )
+    lines.append(
+        "Quantization seconds per method (all N and seeds): "
+        + ", ".join(f"{m.upper()} {result['seconds'][m]:.1f}" for m in methods)
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -495,14 +607,18 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for meth in result["methods"]:
-        pts = [(n, mu, sd) for n, mu, sd in zip(result["widths"], result["mean"][meth],
-                                                 result["std"][meth]) if mu is not None]
+        pts = [
+            (n, mu, sd)
+            for n, mu, sd in zip(result["widths"], result["mean"][meth], result["std"][meth])
+            if mu is not None
+        ]
         n, mu, sd = (np.asarray(a, float) for a in zip(*pts))
         label = f"{meth.upper()} (slope {_fmt_slope(result['slope'][meth])}"
         if "tail_slope" in result:
             label += f"; N >= m: {_fmt_slope(result['tail_slope'][meth])}"
-        ax.errorbar(n, mu, yerr=sd, marker="o", capsize=2, color=_COLORS.get(meth),
-                    label=label + ")")
+        ax.errorbar(
+            n, mu, yerr=sd, marker="o", capsize=2, color=_COLORS.get(meth), label=label + ")"
+        )
     ax.axvline(result["m"], color="gray", linestyle=":", label=f"N = m = {result['m']}")
     ref = _theory_curve(result)
     if ref is not None:
@@ -511,18 +627,36 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("layer width N (input features)")
     ax.set_ylabel("relative error ||XW - XQ|| / ||XW||")
-    ax.set_title(f"Gaussian X, m = {result['m']}: {result['spec']['grid']} "
-                 f"{result['spec']['bits']}")
+    ax.set_title(
+        f"Gaussian X, m = {result['m']}: {result['spec']['grid']} {result['spec']['bits']}"
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure_atomic(fig, path)
 
 
 __all__ = [
-    "Run", "run_grid", "same_alphabet", "reused_record", "make_spec", "bits_x",
-    "calibration_indices", "calibration_images",
-    "execute_run", "quantizer", "run_summary", "accuracy_table", "runs_table",
-    "results_markdown", "write_text_atomic", "save_figure_atomic", "plot_accuracy_vs_bits",
-    "plot_layer_errors", "gaussian_layer", "loglog_slope", "width_sweep",
-    "width_sweep_markdown", "plot_width_sweep",
+    "Run",
+    "run_grid",
+    "same_alphabet",
+    "reused_record",
+    "make_spec",
+    "bits_x",
+    "calibration_indices",
+    "calibration_images",
+    "execute_run",
+    "quantizer",
+    "run_summary",
+    "accuracy_table",
+    "runs_table",
+    "results_markdown",
+    "write_text_atomic",
+    "save_figure_atomic",
+    "plot_accuracy_vs_bits",
+    "plot_layer_errors",
+    "gaussian_layer",
+    "loglog_slope",
+    "width_sweep",
+    "width_sweep_markdown",
+    "plot_width_sweep",
 ]

@@ -73,14 +73,23 @@ def _unflatten(pairs: list[tuple[tuple, Any]]) -> dict:
 
 
 def _kernel_path(res_framework: str, layer_path: tuple) -> tuple:
-    return ("params", *layer_path, "kernel") if res_framework == "linen" else (*layer_path,
-                                                                               "kernel")
+    return (
+        ("params", *layer_path, "kernel") if res_framework == "linen" else (*layer_path, "kernel")
+    )
 
 
 def _spec_dict(spec: QuantSpec) -> dict:
-    return {"bits": spec.bits, "grid": spec.grid, "scale": spec.scale, "c": spec.c,
-            "per_channel": spec.per_channel, "rounding": spec.rounding,
-            "sparsity": spec.sparsity, "lam": spec.lam, "search_grid": list(spec.search_grid)}
+    return {
+        "bits": spec.bits,
+        "grid": spec.grid,
+        "scale": spec.scale,
+        "c": spec.c,
+        "per_channel": spec.per_channel,
+        "rounding": spec.rounding,
+        "sparsity": spec.sparsity,
+        "lam": spec.lam,
+        "search_grid": list(spec.search_grid),
+    }
 
 
 def _is_key(a: Any) -> bool:
@@ -90,8 +99,9 @@ def _is_key(a: Any) -> bool:
 # --------------------------------------------------------------------------- save / load
 
 
-def save_quantized(path: str | os.PathLike, res: QuantizeResult, *,
-                   overwrite: bool = False) -> Path:
+def save_quantized(
+    path: str | os.PathLike, res: QuantizeResult, *, overwrite: bool = False
+) -> Path:
     """Write ``res`` (codes, scales, offsets, spec and every non-quantized leaf) to ``path``.
 
     Refuses to overwrite an existing ``path`` unless ``overwrite=True``. Atomic (see module
@@ -115,14 +125,31 @@ def save_quantized(path: str | os.PathLike, res: QuantizeResult, *,
         code_dtype = smallest_int_dtype(r.spec.alphabet)
         codes[str(i)] = jnp.asarray(r.codes).astype(code_dtype)
         scales[str(i)] = jnp.asarray(r.scale)
-        layers.append({"path": list(p), "name": r.name, "kind": r.kind, "shape": list(r.shape),
-                       "dtype": jnp.dtype(r.scale.dtype).name, "code_dtype": code_dtype.name,
-                       "offset": float(r.offset), "spec": _spec_dict(r.spec),
-                       "method": r.method, "levels": r.levels, "storage_bits": r.storage_bits,
-                       "rel_error": float(r.rel_error),
-                       "c": np.asarray(r.c, np.float64).tolist()})
-    meta = {"format": FORMAT, "framework": res.framework, "leaves": leaves, "layers": layers,
-            "skipped": list(res.skipped), "folded": [list(f) for f in res.folded]}
+        layers.append(
+            {
+                "path": list(p),
+                "name": r.name,
+                "kind": r.kind,
+                "shape": list(r.shape),
+                "dtype": jnp.dtype(r.scale.dtype).name,
+                "code_dtype": code_dtype.name,
+                "offset": float(r.offset),
+                "spec": _spec_dict(r.spec),
+                "method": r.method,
+                "levels": r.levels,
+                "storage_bits": r.storage_bits,
+                "rel_error": float(r.rel_error),
+                "c": np.asarray(r.c, np.float64).tolist(),
+            }
+        )
+    meta = {
+        "format": FORMAT,
+        "framework": res.framework,
+        "leaves": leaves,
+        "layers": layers,
+        "skipped": list(res.skipped),
+        "folded": [list(f) for f in res.folded],
+    }
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -220,8 +247,9 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(path) for f in files)
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
 
 
 def _nbytes(a: Any) -> int:
@@ -254,28 +282,49 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
         res = res_or_path
         kernels = {_kernel_path(res.framework, r.path) for r in res.layers}
         other = sum(_nbytes(a) for p, a in _flatten(res.variables) if p not in kernels)
-        layer_sizes = [(r.name, int(np.prod(r.shape)), r.storage_bits, _nbytes(r.scale))
-                       for r in res.layers]
+        layer_sizes = [
+            (r.name, int(np.prod(r.shape)), r.storage_bits, _nbytes(r.scale)) for r in res.layers
+        ]
         disk = None
     else:
         path = Path(res_or_path)
         meta = read_metadata(path)
         tree = _restore(path / ARRAYS)
         other = sum(_nbytes(a) for k, a in tree["float"].items() if k != "_")
-        layer_sizes = [(lay["name"], int(np.prod(lay["shape"])), lay["storage_bits"],
-                        _nbytes(tree["scales"][str(i)])) for i, lay in enumerate(meta["layers"])]
+        layer_sizes = [
+            (
+                lay["name"],
+                int(np.prod(lay["shape"])),
+                lay["storage_bits"],
+                _nbytes(tree["scales"][str(i)]),
+            )
+            for i, lay in enumerate(meta["layers"])
+        ]
         disk = _dir_bytes(path)
     codes = sum(math.ceil(n * bits / 8) for _, n, bits, _ in layer_sizes)
     scales = sum(s for *_, s in layer_sizes)
     float_mem, float_disk = _float_bytes(float_variables)
     quant_mem = codes + scales + other
-    return {"float_bytes": float_mem, "quantized_bytes": quant_mem, "codes_bytes": codes,
-            "scales_bytes": scales, "other_bytes": other,
-            "ratio": float_mem / max(quant_mem, 1),
-            "float_disk_bytes": float_disk, "quantized_disk_bytes": disk,
-            "layers": [{"layer": n, "params": k, "storage_bits": b,
-                        "codes_bytes": math.ceil(k * b / 8), "scale_bytes": s}
-                       for n, k, b, s in layer_sizes]}
+    return {
+        "float_bytes": float_mem,
+        "quantized_bytes": quant_mem,
+        "codes_bytes": codes,
+        "scales_bytes": scales,
+        "other_bytes": other,
+        "ratio": float_mem / max(quant_mem, 1),
+        "float_disk_bytes": float_disk,
+        "quantized_disk_bytes": disk,
+        "layers": [
+            {
+                "layer": n,
+                "params": k,
+                "storage_bits": b,
+                "codes_bytes": math.ceil(k * b / 8),
+                "scale_bytes": s,
+            }
+            for n, k, b, s in layer_sizes
+        ],
+    }
 
 
 __all__ = ["save_quantized", "load_quantized", "size_report", "read_metadata"]

@@ -44,10 +44,17 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "sparsity"))
-def gpfq_data_form(w: jax.Array, x: jax.Array, x_quant: jax.Array, delta: jax.Array,
-                   alphabet: Alphabet, *, sparsity: str | None = None,
-                   lam: float | jax.Array = 0.0,
-                   uniform: jax.Array | None = None) -> jax.Array:
+def gpfq_data_form(
+    w: jax.Array,
+    x: jax.Array,
+    x_quant: jax.Array,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    *,
+    sparsity: str | None = None,
+    lam: float | jax.Array = 0.0,
+    uniform: jax.Array | None = None,
+) -> jax.Array:
     """Reference GPFQ exactly as written: ``lax.scan`` over features, ``vmap`` over neurons.
 
     Args:
@@ -65,12 +72,12 @@ def gpfq_data_form(w: jax.Array, x: jax.Array, x_quant: jax.Array, delta: jax.Ar
             w_t, x_t, xq_t, n_t, r_t = inp
             v = u + w_t * x_t
             num = threshold(jnp.dot(xq_t, v, precision=HIGHEST), sparsity, lam)
-            k = round_to_codes(_safe_ratio(num, n_t), d, alphabet,
-                               r_t if stochastic else None)
+            k = round_to_codes(_safe_ratio(num, n_t), d, alphabet, r_t if stochastic else None)
             return v - codes_to_values(k, d, alphabet) * xq_t, k
 
-        _, codes = jax.lax.scan(step, jnp.zeros(x.shape[0], x.dtype),
-                                (w_col, xt, xqt, norms, r_col))
+        _, codes = jax.lax.scan(
+            step, jnp.zeros(x.shape[0], x.dtype), (w_col, xt, xqt, norms, r_col)
+        )
         return codes
 
     return jax.vmap(neuron, in_axes=(1, 0, 1), out_axes=1)(w, delta, rand)
@@ -90,10 +97,18 @@ def default_block_size(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "block_size", "sparsity"))
-def gpfq_gram_form(w: jax.Array, hess: jax.Array, cross: jax.Array, delta: jax.Array,
-                   alphabet: Alphabet, *, block_size: int | None = None,
-                   sparsity: str | None = None, lam: float | jax.Array = 0.0,
-                   uniform: jax.Array | None = None) -> jax.Array:
+def gpfq_gram_form(
+    w: jax.Array,
+    hess: jax.Array,
+    cross: jax.Array,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    *,
+    block_size: int | None = None,
+    sparsity: str | None = None,
+    lam: float | jax.Array = 0.0,
+    uniform: jax.Array | None = None,
+) -> jax.Array:
     """GPFQ from the statistics H = X~^T X~ (``hess``) and G = X~^T X (``cross``), both (N, N).
 
     q_t = Q_A((sum_{j<=t} G_tj w_j - sum_{j<t} H_tj q_j) / H_tt), evaluated in column blocks
@@ -126,13 +141,12 @@ def gpfq_gram_form(w: jax.Array, hess: jax.Array, cross: jax.Array, delta: jax.A
             i, pre_i, h_row, d_i, r_i = inp
             num = pre_i - jnp.dot(h_row, q_blk, precision=HIGHEST)  # q_blk rows >= i are 0
             num = threshold(num, sparsity, lam)
-            k = round_to_codes(_safe_ratio(num, d_i), delta, alphabet,
-                               r_i if stochastic else None)
+            k = round_to_codes(_safe_ratio(num, d_i), delta, alphabet, r_i if stochastic else None)
             return q_blk.at[i].set(codes_to_values(k, delta, alphabet)), k
 
         q_blk, k_blk = jax.lax.scan(
-            step, jnp.zeros_like(w_blk),
-            (jnp.arange(e - s), pre, h_bb, diag[s:e], rand))
+            step, jnp.zeros_like(w_blk), (jnp.arange(e - s), pre, h_bb, diag[s:e], rand)
+        )
         codes = codes.at[s:e].set(k_blk)
         values = values.at[s:e].set(q_blk)
     return codes

@@ -62,9 +62,13 @@ class LayerResult:
 
     def summary(self) -> dict:
         c = np.asarray(self.c)
-        return {**describe(self.spec), "method": self.method, "rel_error": self.rel_error,
-                "c": float(c) if c.ndim == 0 else [float(v) for v in c],
-                "seconds": self.seconds}
+        return {
+            **describe(self.spec),
+            "method": self.method,
+            "rel_error": self.rel_error,
+            "c": float(c) if c.ndim == 0 else [float(v) for v in c],
+            "seconds": self.seconds,
+        }
 
 
 def check_finite(name: str, a) -> None:
@@ -78,31 +82,56 @@ def _ungrouped(mats: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(mats, (1, 0, 2)).reshape(shape)
 
 
-def _method_codes(method: str, w_g, stats: LayerStats, delta_g, spec: QuantSpec, uniform,
-                  block_size, gptq: GptqFactor | None):
+def _method_codes(
+    method: str,
+    w_g,
+    stats: LayerStats,
+    delta_g,
+    spec: QuantSpec,
+    uniform,
+    block_size,
+    gptq: GptqFactor | None,
+):
     """Codes (g, N, n) of ``method`` for grouped weights and steps (g, n)."""
     alphabet = spec.alphabet
     if method == "rtn":
         return rtn_codes(w_g, delta_g[:, None, :], alphabet, uniform)
     if method == "gpfq":
         fn = lambda w, h, g, d, u: gpfq_gram_form(  # noqa: E731
-            w, h, g, d, alphabet, block_size=block_size, sparsity=spec.sparsity,
-            lam=spec.lam, uniform=u)
+            w,
+            h,
+            g,
+            d,
+            alphabet,
+            block_size=block_size,
+            sparsity=spec.sparsity,
+            lam=spec.lam,
+            uniform=u,
+        )
         if uniform is None:
             return jax.vmap(lambda w, h, g, d: fn(w, h, g, d, None))(
-                w_g, stats.hess, stats.cross, delta_g)
+                w_g, stats.hess, stats.cross, delta_g
+            )
         return jax.vmap(fn)(w_g, stats.hess, stats.cross, delta_g, uniform)
     if method == "gptq":  # gptq_factor(...) was computed once per layer, outside the search
-        return jax.vmap(lambda f, d: gptq_codes_from_factor(f, d, alphabet,
-                                                            block_size=block_size))(
-            gptq, delta_g)
+        return jax.vmap(lambda f, d: gptq_codes_from_factor(f, d, alphabet, block_size=block_size))(
+            gptq, delta_g
+        )
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | dict | None = None,
-                        method: str = "gpfq", *, key: jax.Array | None = None,
-                        block_size: int | None = None, damp: float = 0.01,
-                        act_order: bool = False, mesh=None) -> LayerResult:
+def quantize_from_stats(
+    kernel: jax.Array,
+    stats: LayerStats,
+    spec: QuantSpec | dict | None = None,
+    method: str = "gpfq",
+    *,
+    key: jax.Array | None = None,
+    block_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    mesh=None,
+) -> LayerResult:
     """Quantize a Dense or Conv kernel from its layer's accumulated statistics.
 
     Args:
@@ -125,17 +154,22 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
     if kernel.shape[-1] % g or math.prod(kernel.shape[:-1]) != n:
         raise ValueError(
             f"kernel shape {tuple(kernel.shape)} does not match statistics of {g} group(s) of "
-            f"{n} features (need prod(kernel.shape[:-1]) == {n} and {g} | out channels)")
+            f"{n} features (need prod(kernel.shape[:-1]) == {n} and {g} | out channels)"
+        )
     if int(stats.count) == 0:
         raise ValueError("empty statistics: no calibration rows were accumulated")
     check_finite("kernel", kernel)
-    if stats.gram is None and (stats.out_ref is None or stats.out_drift is None
-                               or stats.out_ref.shape != (g, kernel.shape[-1] // g)):
+    if stats.gram is None and (
+        stats.out_ref is None
+        or stats.out_drift is None
+        or stats.out_ref.shape != (g, kernel.shape[-1] // g)
+    ):
         raise ValueError(
             f"statistics without F must carry the output norms of this kernel ((g, n) = "
             f"{(g, kernel.shape[-1] // g)}); got "
             f"{None if stats.out_ref is None else tuple(stats.out_ref.shape)}: accumulate with "
-            "StatsAccumulator(..., kernel=kernel)")
+            "StatsAccumulator(..., kernel=kernel)"
+        )
     for name in ("hess", "cross", "gram", "out_ref", "out_drift"):
         if getattr(stats, name) is not None:
             check_finite(f"statistics ({name})", getattr(stats, name))
@@ -155,38 +189,43 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
         w_g = shard_along(w_g, mesh, -1)
         uniform = None if uniform is None else shard_along(uniform, mesh, -1)
         if stats.gram is None:  # per-neuron norms padded like the columns
-            stats = stats._replace(out_ref=pad_to_multiple(stats.out_ref, 1, mesh.size),
-                                   out_drift=pad_to_multiple(stats.out_drift, 1, mesh.size))
+            stats = stats._replace(
+                out_ref=pad_to_multiple(stats.out_ref, 1, mesh.size),
+                out_drift=pad_to_multiple(stats.out_drift, 1, mesh.size),
+            )
         stats = replicate(stats, mesh)
     multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
-    terms = error_terms(stats, w_g)                          # Q-independent, once per layer
+    terms = error_terms(stats, w_g)  # Q-independent, once per layer
     gptq = None
     if method == "gptq":
         if spec.rounding != "nearest" or spec.sparsity is not None:
             raise ValueError("gptq supports rounding='nearest' without sparsity only")
         gptq = jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
-            w_g, stats.hess)                                  # step-independent, once per layer
+            w_g, stats.hess
+        )  # step-independent, once per layer
     best = None
     for mult in multipliers:
         c = spec.c * mult
-        delta = step_size(mat, spec, c)                       # (cout,)
+        delta = step_size(mat, spec, c)  # (cout,)
         delta_g = delta.reshape(g, -1)
         if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
             delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
         codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq)
         q_g = codes_to_values(codes, delta_g[:, None, :], spec.alphabet)
-        err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]   # (g, n)
+        err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]  # (g, n)
         codes = codes[..., :n_cols]
         cand = (codes, err, jnp.full(err.shape, c, dtype))
         if best is None:
             best = cand
         else:
             if spec.channelwise:
-                better = cand[1] < best[1]                      # per neuron
+                better = cand[1] < best[1]  # per neuron
             else:
                 better = jnp.broadcast_to(cand[1].sum() < best[1].sum(), err.shape)
-            best = tuple(jnp.where(better[:, None, :] if b.ndim == 3 else better, c_, b)
-                         for c_, b in zip(cand, best))
+            best = tuple(
+                jnp.where(better[:, None, :] if b.ndim == 3 else better, c_, b)
+                for c_, b in zip(cand, best)
+            )
     codes, err, c_g = best
     ref = terms.ref[..., :n_cols]
     c_out = c_g.reshape(-1)
@@ -199,13 +238,24 @@ def quantize_from_stats(kernel: jax.Array, stats: LayerStats, spec: QuantSpec | 
     return LayerResult(
         q=q.reshape(kernel.shape).astype(kernel.dtype),
         codes=_ungrouped(codes, mat.shape).reshape(kernel.shape).astype(code_dtype),
-        scale=scale.astype(kernel.dtype), rel_error=rel, spec=spec, method=method,
-        c=c_val, offset=spec.alphabet.offset, seconds=time.perf_counter() - start)
+        scale=scale.astype(kernel.dtype),
+        rel_error=rel,
+        spec=spec,
+        method=method,
+        c=c_val,
+        offset=spec.alphabet.offset,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def quantize_layer(w: jax.Array, x: jax.Array, x_quant: jax.Array | None = None,
-                   spec: QuantSpec | dict | None = None, method: str = "gpfq",
-                   **kwargs) -> LayerResult:
+def quantize_layer(
+    w: jax.Array,
+    x: jax.Array,
+    x_quant: jax.Array | None = None,
+    spec: QuantSpec | dict | None = None,
+    method: str = "gpfq",
+    **kwargs,
+) -> LayerResult:
     """Quantize one Dense layer from its inputs.
 
     Args:
@@ -219,8 +269,9 @@ def quantize_layer(w: jax.Array, x: jax.Array, x_quant: jax.Array | None = None,
     if w.ndim != 2:
         raise ValueError(f"w must be (N_in, N_out); got shape {tuple(w.shape)}")
     if x.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"x must be (m, {w.shape[0]}) to match w {tuple(w.shape)}; "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (m, {w.shape[0]}) to match w {tuple(w.shape)}; got shape {tuple(x.shape)}"
+        )
     xq = x if x_quant is None else jnp.asarray(x_quant)
     if xq.shape != x.shape:
         raise ValueError(f"x_quant shape {tuple(xq.shape)} differs from x shape {tuple(x.shape)}")

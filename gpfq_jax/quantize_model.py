@@ -84,19 +84,37 @@ class LayerRecord:
 
     def summary(self) -> dict:
         c = np.asarray(self.c)
-        return {"layer": self.name, "kind": self.kind, "shape": list(self.shape),
-                **describe(self.spec), "method": self.method,
-                "c": float(c) if c.ndim == 0 else [float(v) for v in c],
-                "rel_error": float(self.rel_error), "rows": self.rows,
-                "bias_corrected": self.bias_shift is not None,
-                "seconds": self.seconds, "capture_seconds": self.capture_seconds,
-                "capture_first_seconds": self.capture_first_seconds,
-                "stats_seconds": self.stats_seconds, "quant_seconds": self.quant_seconds}
+        return {
+            "layer": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            **describe(self.spec),
+            "method": self.method,
+            "c": float(c) if c.ndim == 0 else [float(v) for v in c],
+            "rel_error": float(self.rel_error),
+            "rows": self.rows,
+            "bias_corrected": self.bias_shift is not None,
+            "seconds": self.seconds,
+            "capture_seconds": self.capture_seconds,
+            "capture_first_seconds": self.capture_first_seconds,
+            "stats_seconds": self.stats_seconds,
+            "quant_seconds": self.quant_seconds,
+        }
 
 
-_TABLE = (("layer", "{}"), ("kind", "{}"), ("shape", "{}"), ("bits", "{}"), ("grid", "{}"),
-          ("method", "{}"), ("levels", "{}"), ("rel_error", "{:.4f}"), ("capture_s", "{:.3f}"),
-          ("stats_s", "{:.3f}"), ("quant_s", "{:.3f}"))
+_TABLE = (
+    ("layer", "{}"),
+    ("kind", "{}"),
+    ("shape", "{}"),
+    ("bits", "{}"),
+    ("grid", "{}"),
+    ("method", "{}"),
+    ("levels", "{}"),
+    ("rel_error", "{:.4f}"),
+    ("capture_s", "{:.3f}"),
+    ("stats_s", "{:.3f}"),
+    ("quant_s", "{:.3f}"),
+)
 
 
 class SummaryTable(list):
@@ -105,10 +123,20 @@ class SummaryTable(list):
     def __str__(self) -> str:
         if not self:
             return "(no quantized layers)"
-        key = {"capture_s": "capture_seconds", "stats_s": "stats_seconds",
-               "quant_s": "quant_seconds"}
-        rows = [[fmt.format(d[key.get(h, h)]) if not isinstance(d[key.get(h, h)], list)
-                 else "x".join(map(str, d[key.get(h, h)])) for h, fmt in _TABLE] for d in self]
+        key = {
+            "capture_s": "capture_seconds",
+            "stats_s": "stats_seconds",
+            "quant_s": "quant_seconds",
+        }
+        rows = [
+            [
+                fmt.format(d[key.get(h, h)])
+                if not isinstance(d[key.get(h, h)], list)
+                else "x".join(map(str, d[key.get(h, h)]))
+                for h, fmt in _TABLE
+            ]
+            for d in self
+        ]
         heads = [h for h, _ in _TABLE]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -143,8 +171,9 @@ class QuantizeResult:
         for r in self.layers:
             if r.name == name:
                 return r
-        raise KeyError(f"no quantized layer {name!r}; layers: "
-                       f"{', '.join(r.name for r in self.layers)}")
+        raise KeyError(
+            f"no quantized layer {name!r}; layers: {', '.join(r.name for r in self.layers)}"
+        )
 
 
 def dequantize(codes: jax.Array, scale: jax.Array, offset: float, dtype) -> jax.Array:
@@ -152,8 +181,9 @@ def dequantize(codes: jax.Array, scale: jax.Array, offset: float, dtype) -> jax.
     res.variables and ``load_quantized`` agree bit for bit). scale broadcasts on the last axis.
     """
     dtype = jnp.dtype(dtype)
-    return jnp.asarray(scale, dtype) * (jnp.asarray(codes).astype(dtype)
-                                        + jnp.asarray(offset, dtype))
+    return jnp.asarray(scale, dtype) * (
+        jnp.asarray(codes).astype(dtype) + jnp.asarray(offset, dtype)
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -174,11 +204,13 @@ def calibration_batches(calib: Any, batch_size: int) -> list[Any]:
     elif _is_array(calib):
         if calib.ndim == 0:
             raise ValueError("calibration data must have a leading batch axis, got a scalar")
-        batches = [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+        batches = [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)]
     else:
-        raise TypeError("calib must be an array (n, ...), a list of arrays (batches) or a "
-                        f"zero-argument callable returning an iterator of batches; got "
-                        f"{type(calib).__name__}")
+        raise TypeError(
+            "calib must be an array (n, ...), a list of arrays (batches) or a "
+            f"zero-argument callable returning an iterator of batches; got "
+            f"{type(calib).__name__}"
+        )
     if not batches or all(np.shape(b)[:1] == (0,) for b in batches):
         raise ValueError("empty calibration data: 0 samples")
     first = _sample_shape(batches[0], 0)
@@ -199,8 +231,9 @@ def _is_array(a: Any) -> bool:
 
 def _sample_shape(b: Any, i: int) -> tuple[int, ...]:
     if not _is_array(b) or np.ndim(b) == 0:
-        raise TypeError(f"calibration batch {i} must be an array with a batch axis, got "
-                        f"{type(b).__name__}")
+        raise TypeError(
+            f"calibration batch {i} must be an array with a batch axis, got {type(b).__name__}"
+        )
     return tuple(b.shape[1:])
 
 
@@ -208,16 +241,20 @@ def _check_batch(b: Any, i: int, first: tuple[int, ...], start: int, where: str 
     """Validate batch ``i`` (samples ``start``...) against per-sample shape ``first``;
     return its number of samples. ``where`` qualifies the batch in messages."""
     if _sample_shape(b, i) != first:
-        raise ValueError(f"calibration batch {i}{where} has per-sample shape "
-                         f"{tuple(b.shape[1:])}, batch 0 has {first}")
+        raise ValueError(
+            f"calibration batch {i}{where} has per-sample shape "
+            f"{tuple(b.shape[1:])}, batch 0 has {first}"
+        )
     if b.shape[0] == 0:
         raise ValueError(f"empty calibration data: batch {i}{where} has 0 samples")
     if jnp.issubdtype(b.dtype, jnp.inexact):
         bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
         if bad.any():
             j = int(np.argmax(bad))
-            raise ValueError(f"calibration data contains NaN or Inf: {int(bad.sum())} "
-                             f"sample(s) of batch {i}{where}, first at sample {start + j}")
+            raise ValueError(
+                f"calibration data contains NaN or Inf: {int(bad.sum())} "
+                f"sample(s) of batch {i}{where}, first at sample {start + j}"
+            )
     return int(b.shape[0])
 
 
@@ -259,8 +296,9 @@ class Calibration:
         try:
             return iter(source)
         except TypeError:
-            raise TypeError("calib() must return an iterable of batches (arrays); got "
-                            f"{type(source).__name__}") from None
+            raise TypeError(
+                f"calib() must return an iterable of batches (arrays); got {type(source).__name__}"
+            ) from None
 
     def __iter__(self) -> Iterator[Any]:
         """One pass over the batches."""
@@ -277,9 +315,11 @@ class Calibration:
         if self._counts is None:
             self._counts = counts
         elif counts != self._counts:
-            raise ValueError(f"calib() yielded {counts[1]} samples in {counts[0]} batches on "
-                             f"pass {n_pass} but {self._counts[1]} in {self._counts[0]} on "
-                             "pass 1; it must yield the same batches on every call")
+            raise ValueError(
+                f"calib() yielded {counts[1]} samples in {counts[0]} batches on "
+                f"pass {n_pass} but {self._counts[1]} in {self._counts[0]} on "
+                "pass 1; it must yield the same batches on every call"
+            )
 
 
 def default_apply_kwargs(model: Any) -> dict:
@@ -294,15 +334,28 @@ def default_apply_kwargs(model: Any) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def quantize_params(model: Any, variables: Any, calib: Any,
-                    spec: QuantSpec | dict | None = None, method: str = "gpfq",
-                    rules: Sequence[Any] | None = None, *, batch_size: int = 256,
-                    apply_kwargs: dict | None = None, fold_batchnorm: bool = False,
-                    bias_correction: bool = False, seed: int = 0, progress: bool = True,
-                    key: jax.Array | None = None, patch_fraction: float = 1.0,
-                    block_size: int | None = None, damp: float = 0.01,
-                    act_order: bool = False, stats_dtype=jnp.float32,
-                    mesh: Mesh | str | None = None) -> QuantizeResult:
+def quantize_params(
+    model: Any,
+    variables: Any,
+    calib: Any,
+    spec: QuantSpec | dict | None = None,
+    method: str = "gpfq",
+    rules: Sequence[Any] | None = None,
+    *,
+    batch_size: int = 256,
+    apply_kwargs: dict | None = None,
+    fold_batchnorm: bool = False,
+    bias_correction: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    key: jax.Array | None = None,
+    patch_fraction: float = 1.0,
+    block_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    stats_dtype=jnp.float32,
+    mesh: Mesh | str | None = None,
+) -> QuantizeResult:
     """Quantize every Dense/Conv layer of ``model``, in forward order (GPFQ by default).
 
     Args:
@@ -360,18 +413,37 @@ def quantize_params(model: Any, variables: Any, calib: Any,
             if plan.skip:
                 skipped.append(layer.name)
             else:
-                records.append(_quantize_layer(
-                    target, layer, plan, batches, changed=bool(records),
-                    bias_correction=bias_correction, key=jax.random.fold_in(key, i),
-                    seed=(seed * 1_000_003 + i) % 2**31, patch_fraction=patch_fraction,
-                    block_size=block_size, damp=damp, act_order=act_order,
-                    stats_dtype=stats_dtype, mesh=mesh))
+                records.append(
+                    _quantize_layer(
+                        target,
+                        layer,
+                        plan,
+                        batches,
+                        changed=bool(records),
+                        bias_correction=bias_correction,
+                        key=jax.random.fold_in(key, i),
+                        seed=(seed * 1_000_003 + i) % 2**31,
+                        patch_fraction=patch_fraction,
+                        block_size=block_size,
+                        damp=damp,
+                        act_order=act_order,
+                        stats_dtype=stats_dtype,
+                        mesh=mesh,
+                    )
+                )
             bar.update(1)
     finally:
         bar.close()
     variables_out, model_out = target.result()
-    return QuantizeResult(variables_out, model_out, records, skipped, folded, target.framework,
-                          time.perf_counter() - start)
+    return QuantizeResult(
+        variables_out,
+        model_out,
+        records,
+        skipped,
+        folded,
+        target.framework,
+        time.perf_counter() - start,
+    )
 
 
 def _check_stats_dtype(dtype: Any) -> None:
@@ -380,9 +452,11 @@ def _check_stats_dtype(dtype: Any) -> None:
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"stats_dtype must be float32 or float64, got {dt}")
     if dt == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("stats_dtype=float64 needs 64-bit JAX: call "
-                         "jax.config.update('jax_enable_x64', True) at start-up (or set "
-                         "JAX_ENABLE_X64=1); without it JAX silently computes in float32")
+        raise ValueError(
+            "stats_dtype=float64 needs 64-bit JAX: call "
+            "jax.config.update('jax_enable_x64', True) at start-up (or set "
+            "JAX_ENABLE_X64=1); without it JAX silently computes in float32"
+        )
 
 
 def _place(batch: Any, mesh: Mesh | None) -> Any:
@@ -413,13 +487,20 @@ def _checked_trace(target: _Target, batch: Any) -> list[BNFollow]:
     except NotImplementedError:
         raise
     except Exception as e:  # the model's own failure, re-raised with context
-        raise ValueError(f"running the model on a calibration batch of shape {shape} (dtype "
-                         f"{batch.dtype}, apply_kwargs={target.kwargs}) failed; check the "
-                         f"input shape. {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"running the model on a calibration batch of shape {shape} (dtype "
+            f"{batch.dtype}, apply_kwargs={target.kwargs}) failed; check the "
+            f"input shape. {type(e).__name__}: {e}"
+        ) from e
 
 
-def _fold(target: _Target, follows: list[BNFollow], layers: list[LayerInfo],
-          plans: list[LayerPlan], batch: Any) -> list[tuple[str, str]]:
+def _fold(
+    target: _Target,
+    follows: list[BNFollow],
+    layers: list[LayerInfo],
+    plans: list[LayerPlan],
+    batch: Any,
+) -> list[tuple[str, str]]:
     """Fold the foldable BN pairs of quantized layers into the float model; check outputs."""
     quantized = {layer.path for layer, plan in zip(layers, plans) if not plan.skip}
     pairs = []
@@ -427,8 +508,10 @@ def _fold(target: _Target, follows: list[BNFollow], layers: list[LayerInfo],
         if p.path not in quantized:
             continue
         if not p.foldable:
-            warnings.warn(f"not folding BatchNorm {_name(p.bn_path)!r} into "
-                          f"{_name(p.path)!r}: {p.reason}", stacklevel=3)
+            warnings.warn(
+                f"not folding BatchNorm {_name(p.bn_path)!r} into {_name(p.path)!r}: {p.reason}",
+                stacklevel=3,
+            )
             continue
         pairs.append(p)
     if not pairs:
@@ -437,12 +520,13 @@ def _fold(target: _Target, follows: list[BNFollow], layers: list[LayerInfo],
     target.fold(pairs)
     bad = _changed_outputs(before, target.forward(batch))
     if bad:
-        culprits = [p for p in pairs if _changed_outputs(before, target.forward(
-            batch, fold=[p]))]
+        culprits = [p for p in pairs if _changed_outputs(before, target.forward(batch, fold=[p]))]
         names = ", ".join(f"{_name(p.path)} -> {_name(p.bn_path)}" for p in culprits) or "?"
-        raise ValueError(f"folding BatchNorm changed the float model's outputs (relative "
-                         f"difference {bad:.2e}) for: {names}; the layer's pre-BatchNorm output "
-                         "is probably used elsewhere too. Pass fold_batchnorm=False.")
+        raise ValueError(
+            f"folding BatchNorm changed the float model's outputs (relative "
+            f"difference {bad:.2e}) for: {names}; the layer's pre-BatchNorm output "
+            "is probably used elsewhere too. Pass fold_batchnorm=False."
+        )
     return [(_name(p.path), _name(p.bn_path)) for p in pairs]
 
 
@@ -460,10 +544,23 @@ def _changed_outputs(a: Any, b: Any) -> float:
     return worst
 
 
-def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches: Calibration,
-                    *, changed: bool, bias_correction: bool, key: jax.Array, seed: int,
-                    patch_fraction: float, block_size: int | None, damp: float,
-                    act_order: bool, stats_dtype, mesh: Mesh | None) -> LayerRecord:
+def _quantize_layer(
+    target: _Target,
+    layer: LayerInfo,
+    plan: LayerPlan,
+    batches: Calibration,
+    *,
+    changed: bool,
+    bias_correction: bool,
+    key: jax.Array,
+    seed: int,
+    patch_fraction: float,
+    block_size: int | None,
+    damp: float,
+    act_order: bool,
+    stats_dtype,
+    mesh: Mesh | None,
+) -> LayerRecord:
     """Capture, accumulate, quantize and write back one layer."""
     capture = target.capturer(layer)
     kernel = target.float_kernel(layer)
@@ -471,8 +568,15 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
     neurons = layer.kernel_shape[-1] // layer.feature_group_count
     # F = X^T X costs rows x N^2; the per-neuron output norms that can replace it (the kernel is
     # known here) cost 2 x rows x N x n: use whichever is cheaper (norms for every conv here).
-    acc = StatsAccumulator(features, _geometry(layer), stats_dtype, patch_fraction, seed,
-                           mesh=mesh, kernel=kernel if 2 * neurons < features else None)
+    acc = StatsAccumulator(
+        features,
+        _geometry(layer),
+        stats_dtype,
+        patch_fraction,
+        seed,
+        mesh=mesh,
+        kernel=kernel if 2 * neurons < features else None,
+    )
     correct = bias_correction and layer.has_bias
     sum_x, sum_xq, count = 0.0, 0.0, 0
     t_cap = t_stats = t_first = 0.0
@@ -491,16 +595,28 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
             rows = acc.rows(x)
             count += rows.shape[0]
             sum_x = sum_x + np.asarray(rows.sum(0), np.float64)
-            sum_xq = sum_xq + (np.asarray(acc.rows(xq).sum(0), np.float64) if changed
-                               else np.asarray(rows.sum(0), np.float64))
+            sum_xq = sum_xq + (
+                np.asarray(acc.rows(xq).sum(0), np.float64)
+                if changed
+                else np.asarray(rows.sum(0), np.float64)
+            )
         jax.block_until_ready(acc.stats)
         t_stats += time.perf_counter() - t1
         t_cap += t1 - t0
         t_first = t_first or t1 - t0
     stats = acc.result()
     t0 = time.perf_counter()
-    r = quantize_from_stats(kernel, stats, plan.spec, plan.method, key=key,
-                            block_size=block_size, damp=damp, act_order=act_order, mesh=mesh)
+    r = quantize_from_stats(
+        kernel,
+        stats,
+        plan.spec,
+        plan.method,
+        key=key,
+        block_size=block_size,
+        damp=damp,
+        act_order=act_order,
+        mesh=mesh,
+    )
     q = jax.block_until_ready(dequantize(r.codes, r.scale, r.offset, kernel.dtype))
     t_quant = time.perf_counter() - t0
     target.set_kernel(layer, q)
@@ -511,37 +627,60 @@ def _quantize_layer(target: _Target, layer: LayerInfo, plan: LayerPlan, batches:
         target.set_bias(layer, (np.asarray(bias, np.float64) + shift).astype(bias.dtype))
         shift = jnp.asarray(shift, bias.dtype)
     return LayerRecord(
-        path=layer.path, name=layer.name, kind=layer.kind, shape=tuple(layer.kernel_shape),
-        spec=r.spec, method=r.method, levels=r.levels, storage_bits=r.storage_bits,
-        scale=r.scale, codes=r.codes, c=r.c, offset=r.offset, rel_error=r.rel_error,
-        seconds=t_cap + t_stats + t_quant, capture_seconds=t_cap, stats_seconds=t_stats,
-        quant_seconds=t_quant, rows=int(stats.count), bias_shift=shift,
-        capture_first_seconds=t_first)
+        path=layer.path,
+        name=layer.name,
+        kind=layer.kind,
+        shape=tuple(layer.kernel_shape),
+        spec=r.spec,
+        method=r.method,
+        levels=r.levels,
+        storage_bits=r.storage_bits,
+        scale=r.scale,
+        codes=r.codes,
+        c=r.c,
+        offset=r.offset,
+        rel_error=r.rel_error,
+        seconds=t_cap + t_stats + t_quant,
+        capture_seconds=t_cap,
+        stats_seconds=t_stats,
+        quant_seconds=t_quant,
+        rows=int(stats.count),
+        bias_shift=shift,
+        capture_first_seconds=t_first,
+    )
 
 
-def bias_shift(mean_x: np.ndarray, mean_xq: np.ndarray, kernel: jax.Array, q: jax.Array,
-               groups: int = 1) -> np.ndarray:
+def bias_shift(
+    mean_x: np.ndarray, mean_xq: np.ndarray, kernel: jax.Array, q: jax.Array, groups: int = 1
+) -> np.ndarray:
     """(cout,) mean float output minus mean quantized output of a layer, bias excluded.
 
     mean_x, mean_xq: (g, N) mean input rows (float / quantized model; patches for conv);
     kernel, q: float and dequantized kernels (..., cout/.. Flax layout).
     """
+
     def grouped(k):
         mat = np.asarray(k, np.float64).reshape(-1, k.shape[-1])
         return mat.reshape(mat.shape[0], groups, -1).transpose(1, 0, 2)  # (g, N, cout/g)
 
-    out = (np.einsum("gi,gin->gn", mean_x, grouped(kernel))
-           - np.einsum("gi,gin->gn", mean_xq, grouped(q)))
+    out = np.einsum("gi,gin->gn", mean_x, grouped(kernel)) - np.einsum(
+        "gi,gin->gn", mean_xq, grouped(q)
+    )
     return out.reshape(-1)
 
 
 def _geometry(layer: LayerInfo) -> ConvGeometry | None:
     if layer.kind == "dense":
         return None
-    return ConvGeometry(tuple(layer.kernel_shape[:-2]), int(layer.input_shape[-1]),
-                        tuple(layer.strides), tuple(tuple(p) for p in layer.padding),
-                        tuple(layer.input_dilation), tuple(layer.kernel_dilation),
-                        int(layer.feature_group_count))
+    return ConvGeometry(
+        tuple(layer.kernel_shape[:-2]),
+        int(layer.input_shape[-1]),
+        tuple(layer.strides),
+        tuple(tuple(p) for p in layer.padding),
+        tuple(layer.input_dilation),
+        tuple(layer.kernel_dilation),
+        int(layer.feature_group_count),
+    )
 
 
 def _name(path: tuple) -> str:
@@ -570,8 +709,10 @@ class _LinenTarget(_Target):
 
     def __init__(self, model: nn.Module, variables: Any, kwargs: dict):
         if variables is None or not hasattr(variables, "keys") or "params" not in variables:
-            raise TypeError("a Linen model needs its variables dict (with 'params'); got "
-                            f"{type(variables).__name__}")
+            raise TypeError(
+                "a Linen model needs its variables dict (with 'params'); got "
+                f"{type(variables).__name__}"
+            )
         self.model, self.kwargs = model, kwargs
         self.float_arg = self.quant_arg = self.discover_vars = variables
         self._apply = jax.jit(lambda v, x: model.apply(v, x, **kwargs))
@@ -596,8 +737,9 @@ class _LinenTarget(_Target):
         return jnp.asarray(bn_fold.get_in(self.quant_arg, ("params", *layer.path, "bias")))
 
     def set_bias(self, layer, b):
-        self.quant_arg = bn_fold.replace_in(self.quant_arg, ("params", *layer.path, "bias"),
-                                            jnp.asarray(b))
+        self.quant_arg = bn_fold.replace_in(
+            self.quant_arg, ("params", *layer.path, "bias"), jnp.asarray(b)
+        )
 
     def result(self):
         return self.quant_arg, None
@@ -609,11 +751,11 @@ class _NNXTarget(_Target):
 
     def __init__(self, model: nnx.Module, kwargs: dict):
         self.kwargs = kwargs
-        self.model = nnx.clone(model)   # the float model (folded later); the user's is untouched
+        self.model = nnx.clone(model)  # the float model (folded later); the user's is untouched
         if hasattr(self.model, "eval"):
             self.model.eval()
         self.qmodel = nnx.clone(self.model)  # the partially quantized model
-        self._fstate = self._qstate = None      # cached nnx.state of each
+        self._fstate = self._qstate = None  # cached nnx.state of each
         self._graphdef = nnx.graphdef(self.model)
         self._apply = jax.jit(lambda st, x: nnx.merge(self._graphdef, st)(x, **kwargs))
 
@@ -666,14 +808,26 @@ class _NNXTarget(_Target):
 def _make_target(model: Any, variables: Any, kwargs: dict) -> _Target:
     if isinstance(model, nnx.Module):
         if variables is not None:
-            raise TypeError("for an NNX model pass variables=None (the model holds its state); "
-                            f"got {type(variables).__name__}")
+            raise TypeError(
+                "for an NNX model pass variables=None (the model holds its state); "
+                f"got {type(variables).__name__}"
+            )
         return _NNXTarget(model, kwargs)
     if isinstance(model, nn.Module):
         return _LinenTarget(model, variables, kwargs)
-    raise TypeError(f"model must be a flax.linen Module or a flax.nnx Module, got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+        f"model must be a flax.linen Module or a flax.nnx Module, got {type(model).__name__}"
+    )
 
 
-__all__ = ["quantize_params", "QuantizeResult", "LayerRecord", "SummaryTable", "dequantize",
-           "calibration_batches", "Calibration", "default_apply_kwargs", "bias_shift"]
+__all__ = [
+    "quantize_params",
+    "QuantizeResult",
+    "LayerRecord",
+    "SummaryTable",
+    "dequantize",
+    "calibration_batches",
+    "Calibration",
+    "default_apply_kwargs",
+    "bias_shift",
+]

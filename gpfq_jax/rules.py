@@ -40,11 +40,14 @@ class Rule:
         except re.error as e:
             raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from e
         if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"rule {self.pattern!r}: unknown method {self.method!r}; "
-                             f"expected one of {METHODS}")
+            raise ValueError(
+                f"rule {self.pattern!r}: unknown method {self.method!r}; expected one of {METHODS}"
+            )
         if self.spec is not None and not isinstance(self.spec, QuantSpec | Mapping):
-            raise TypeError(f"rule {self.pattern!r}: spec must be a QuantSpec or a dict, got "
-                            f"{type(self.spec).__name__}")
+            raise TypeError(
+                f"rule {self.pattern!r}: spec must be a QuantSpec or a dict, got "
+                f"{type(self.spec).__name__}"
+            )
 
     def apply(self, spec: QuantSpec, method: str) -> tuple[QuantSpec, str]:
         """The (spec, method) of a matched layer, from the base ones."""
@@ -73,8 +76,10 @@ def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
     if isinstance(rule, Rule):
         return rule
     if isinstance(rule, str):
-        raise TypeError(f"a rule must be a Rule, tuple or dict, got the string {rule!r}; "
-                        f"use Rule({rule!r}, skip=True) or similar")
+        raise TypeError(
+            f"a rule must be a Rule, tuple or dict, got the string {rule!r}; "
+            f"use Rule({rule!r}, skip=True) or similar"
+        )
     if isinstance(rule, Mapping):
         return Rule(**rule)
     if isinstance(rule, Sequence):
@@ -82,8 +87,9 @@ def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
     raise TypeError(f"a rule must be a Rule, tuple or dict, got {type(rule).__name__}")
 
 
-def plan_layers(names: Sequence[str], rules: Sequence[Any] | None, spec: QuantSpec | dict | None,
-                method: str) -> list[LayerPlan]:
+def plan_layers(
+    names: Sequence[str], rules: Sequence[Any] | None, spec: QuantSpec | dict | None, method: str
+) -> list[LayerPlan]:
     """One LayerPlan per layer name (first matching rule wins).
 
     Raises ValueError naming the pattern and listing the layer names if a rule matches no layer.
@@ -94,8 +100,10 @@ def plan_layers(names: Sequence[str], rules: Sequence[Any] | None, spec: QuantSp
     parsed = [as_rule(r) for r in (rules or ())]
     for r in parsed:
         if not any(re.search(r.pattern, n) for n in names):
-            raise ValueError(f"rule pattern {r.pattern!r} matches no layer; layer names: "
-                             f"{', '.join(names) or '(none)'}")
+            raise ValueError(
+                f"rule pattern {r.pattern!r} matches no layer; layer names: "
+                f"{', '.join(names) or '(none)'}"
+            )
     plans = []
     for n in names:
         rule = next((r for r in parsed if re.search(r.pattern, n)), None)

@@ -76,8 +76,16 @@ class ConvGeometry:
     feature_group_count: int = 1
 
     @classmethod
-    def create(cls, kernel_shape, strides=1, padding="SAME", input_dilation=1,
-               kernel_dilation=1, feature_group_count=1, input_shape=None) -> ConvGeometry:
+    def create(
+        cls,
+        kernel_shape,
+        strides=1,
+        padding="SAME",
+        input_dilation=1,
+        kernel_dilation=1,
+        feature_group_count=1,
+        input_shape=None,
+    ) -> ConvGeometry:
         """From a Flax kernel shape (kh, kw, cin/groups, cout) and Flax-style arguments.
 
         ``padding`` may be "SAME", "VALID", an int, or explicit pairs; "SAME" needs
@@ -89,8 +97,10 @@ class ConvGeometry:
         lhs_d, rhs_d = tup(input_dilation), tup(kernel_dilation)
         if isinstance(padding, str):
             if padding not in ("SAME", "VALID"):
-                raise NotImplementedError(f"padding {padding!r} is not supported (SAME, VALID, "
-                                          "ints or explicit pairs are)")
+                raise NotImplementedError(
+                    f"padding {padding!r} is not supported (SAME, VALID, "
+                    "ints or explicit pairs are)"
+                )
             if padding == "VALID":
                 pads = ((0, 0),) * nd
             else:
@@ -102,18 +112,27 @@ class ConvGeometry:
         elif np.isscalar(padding):
             pads = ((int(padding), int(padding)),) * nd
         else:
-            pads = tuple((int(p), int(p)) if np.isscalar(p) else (int(p[0]), int(p[1]))
-                         for p in padding)
-        return cls(ksize, int(kernel_shape[-2]) * int(feature_group_count), strides,
-                   tuple(tuple(p) for p in pads), lhs_d, rhs_d, int(feature_group_count))
+            pads = tuple(
+                (int(p), int(p)) if np.isscalar(p) else (int(p[0]), int(p[1])) for p in padding
+            )
+        return cls(
+            ksize,
+            int(kernel_shape[-2]) * int(feature_group_count),
+            strides,
+            tuple(tuple(p) for p in pads),
+            lhs_d,
+            rhs_d,
+            int(feature_group_count),
+        )
 
     @property
     def features_per_group(self) -> int:
         return int(np.prod(self.kernel_size)) * self.in_features // self.feature_group_count
 
 
-def init_stats(features: int, groups: int = 1, dtype=jnp.float32, *,
-               neurons: int | None = None) -> LayerStats:
+def init_stats(
+    features: int, groups: int = 1, dtype=jnp.float32, *, neurons: int | None = None
+) -> LayerStats:
     """Zero statistics for ``groups`` problems of ``features`` inputs each.
 
     ``neurons`` (outputs per group): keep per-neuron output norms of one kernel instead of F.
@@ -141,21 +160,26 @@ def dense_rows(x: jax.Array) -> jax.Array:
 def _check_conv_input(shape: tuple[int, ...], geometry: ConvGeometry) -> None:
     nd = len(geometry.kernel_size)
     if len(shape) != nd + 2 or shape[-1] != geometry.in_features:
-        raise ValueError(f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
-                         f"got shape {tuple(shape)}")
+        raise ValueError(
+            f"conv input must be (batch, *spatial[{nd}], {geometry.in_features}); "
+            f"got shape {tuple(shape)}"
+        )
 
 
 def _out_sizes(padded_sizes, geometry: ConvGeometry) -> list[int]:
     """Output spatial sizes of the conv over an input of ``padded_sizes`` (after padding)."""
-    return [(size - (kk - 1) * d - 1) // s + 1 for size, kk, d, s in
-            zip(padded_sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides)]
+    return [
+        (size - (kk - 1) * d - 1) // s + 1
+        for size, kk, d, s in zip(
+            padded_sizes, geometry.kernel_size, geometry.kernel_dilation, geometry.strides
+        )
+    ]
 
 
 def _padded(x: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, list[int]]:
     """The zero-padded input and the output spatial sizes (no input dilation)."""
     zero = jnp.zeros((), x.dtype)
-    xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding),
-                               (0, 0, 0)])
+    xp = jax.lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding), (0, 0, 0)])
     return xp, _out_sizes(xp.shape[1:-1], geometry)
 
 
@@ -176,8 +200,10 @@ def _offsets(geometry: ConvGeometry):
 
 def conv_row_count(input_shape: tuple[int, ...], geometry: ConvGeometry) -> int:
     """Number of patch rows (batch x output positions) of a conv input of ``input_shape``."""
-    sizes = [(s - 1) * d + 1 + lo + hi for s, d, (lo, hi) in
-             zip(input_shape[1:-1], geometry.input_dilation, geometry.padding)]
+    sizes = [
+        (s - 1) * d + 1 + lo + hi
+        for s, d, (lo, hi) in zip(input_shape[1:-1], geometry.input_dilation, geometry.padding)
+    ]
     return int(input_shape[0] * np.prod(_out_sizes(sizes, geometry)))
 
 
@@ -197,16 +223,25 @@ def conv_rows(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
         spatial = "HWD"[:nd]
         lhs = "N" + spatial + "C"
         patches = jax.lax.conv_general_dilated_patches(
-            x, geometry.kernel_size, geometry.strides, geometry.padding,
-            lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
-            dimension_numbers=(lhs, "OI" + spatial, lhs), precision=HIGHEST)
+            x,
+            geometry.kernel_size,
+            geometry.strides,
+            geometry.padding,
+            lhs_dilation=geometry.input_dilation,
+            rhs_dilation=geometry.kernel_dilation,
+            dimension_numbers=(lhs, "OI" + spatial, lhs),
+            precision=HIGHEST,
+        )
         p = patches.reshape(-1, g, cin // g, k)
         return jnp.swapaxes(p, -1, -2).reshape(p.shape[0], g, -1)
     xp, out = _padded(x, geometry)
     slices = []
     for start in _offsets(geometry):
-        limit = [x.shape[0], *(st + (n_out - 1) * s + 1 for st, n_out, s in
-                               zip(start, out, geometry.strides)), cin]
+        limit = [
+            x.shape[0],
+            *(st + (n_out - 1) * s + 1 for st, n_out, s in zip(start, out, geometry.strides)),
+            cin,
+        ]
         slices.append(jax.lax.slice(xp, [0, *start, 0], limit, (1, *geometry.strides, 1)))
     return _kernel_order(jnp.stack(slices, axis=-2).reshape(-1, k, cin), geometry)
 
@@ -236,13 +271,19 @@ def _sum_sq_outputs(r: jax.Array, w: jax.Array) -> jax.Array:
 
 def _check_kernel(stats: LayerStats, w: jax.Array | None) -> None:
     if stats.gram is None and w is None:
-        raise ValueError("these statistics keep per-neuron output norms instead of F: pass the "
-                         "grouped kernel w (g, N, n) they were started with")
+        raise ValueError(
+            "these statistics keep per-neuron output norms instead of F: pass the "
+            "grouped kernel w (g, N, n) they were started with"
+        )
 
 
 @jax.jit
-def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array | None = None,
-               w: jax.Array | None = None) -> LayerStats:
+def accumulate(
+    stats: LayerStats,
+    rows: jax.Array,
+    rows_quant: jax.Array | None = None,
+    w: jax.Array | None = None,
+) -> LayerStats:
     """Add a batch of rows (m, g, N) of the float and quantized inputs to ``stats``.
 
     ``rows_quant=None`` means X~ = X (the first layer): H = G = F from one N x N product.
@@ -260,8 +301,9 @@ def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array | None 
         rq = jnp.swapaxes(rows_quant.astype(dt), 0, 1)
         hess, cross = prod(rq, rq), prod(rq, r)
         gram = None if stats.gram is None else prod(r, r)
-    new = stats._replace(hess=stats.hess + hess, cross=stats.cross + cross,
-                         count=stats.count + rows.shape[0])
+    new = stats._replace(
+        hess=stats.hess + hess, cross=stats.cross + cross, count=stats.count + rows.shape[0]
+    )
     if stats.gram is not None:
         return new._replace(gram=stats.gram + gram)
     w = w.astype(dt)
@@ -271,11 +313,15 @@ def accumulate(stats: LayerStats, rows: jax.Array, rows_quant: jax.Array | None 
     return new._replace(out_drift=stats.out_drift + _sum_sq_outputs(r - rq, w))
 
 
-def stats_from_data(x: jax.Array, x_quant: jax.Array | None = None,
-                    dtype=jnp.float32) -> LayerStats:
+def stats_from_data(
+    x: jax.Array, x_quant: jax.Array | None = None, dtype=jnp.float32
+) -> LayerStats:
     """Statistics of one Dense problem from whole data matrices x, x_quant (m, N)."""
-    return accumulate(init_stats(x.shape[-1], 1, dtype), dense_rows(x),
-                      None if x_quant is None else dense_rows(x_quant))
+    return accumulate(
+        init_stats(x.shape[-1], 1, dtype),
+        dense_rows(x),
+        None if x_quant is None else dense_rows(x_quant),
+    )
 
 
 class StatsAccumulator:
@@ -292,9 +338,16 @@ class StatsAccumulator:
     (``LayerStats.out_ref``, ``out_drift``), which is cheaper and enough to quantize that kernel.
     """
 
-    def __init__(self, features: int, geometry: ConvGeometry | None = None,
-                 dtype=jnp.float32, patch_fraction: float = 1.0, seed: int = 0, mesh=None,
-                 kernel: jax.Array | None = None):
+    def __init__(
+        self,
+        features: int,
+        geometry: ConvGeometry | None = None,
+        dtype=jnp.float32,
+        patch_fraction: float = 1.0,
+        seed: int = 0,
+        mesh=None,
+        kernel: jax.Array | None = None,
+    ):
         if not 0 < patch_fraction <= 1:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
         self.geometry = geometry
@@ -302,13 +355,19 @@ class StatsAccumulator:
         self._w = None
         if kernel is not None:
             kernel = jnp.asarray(kernel)
-            if (kernel.ndim < 2 or int(np.prod(kernel.shape[:-1])) != features
-                    or kernel.shape[-1] % groups):
-                raise ValueError(f"kernel shape {tuple(kernel.shape)} does not match {groups} "
-                                 f"group(s) of {features} input features")
+            if (
+                kernel.ndim < 2
+                or int(np.prod(kernel.shape[:-1])) != features
+                or kernel.shape[-1] % groups
+            ):
+                raise ValueError(
+                    f"kernel shape {tuple(kernel.shape)} does not match {groups} "
+                    f"group(s) of {features} input features"
+                )
             self._w = grouped_kernel(kernel, groups).astype(dtype)
-        self.stats = init_stats(features, groups, dtype,
-                                neurons=None if self._w is None else self._w.shape[-1])
+        self.stats = init_stats(
+            features, groups, dtype, neurons=None if self._w is None else self._w.shape[-1]
+        )
         self.patch_fraction = patch_fraction
         self._key = jax.random.PRNGKey(seed)
         self._batches = 0
@@ -320,8 +379,9 @@ class StatsAccumulator:
     def rows(self, x: jax.Array) -> jax.Array:
         if self.geometry is None:
             if x.shape[-1] != self.stats.features:
-                raise ValueError(f"Dense input has {x.shape[-1]} features, layer expects "
-                                 f"{self.stats.features}")
+                raise ValueError(
+                    f"Dense input has {x.shape[-1]} features, layer expects {self.stats.features}"
+                )
             return dense_rows(x)
         return conv_rows(x, self.geometry)
 
@@ -339,7 +399,7 @@ class StatsAccumulator:
 
     def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> StatsAccumulator:
         """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
-        same = x_quant is None or x_quant is x   # first layer: one product instead of three
+        same = x_quant is None or x_quant is x  # first layer: one product instead of three
         xq = x if x_quant is None else x_quant
         if tuple(x.shape) != tuple(xq.shape):
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
@@ -395,8 +455,10 @@ def error_terms(stats: LayerStats, w: jax.Array) -> ErrorTerms:
     gw, hw = _matmul(g_, w), _matmul(h, w)
     if f is None:
         if stats.out_ref.shape != w.shape[::2]:
-            raise ValueError(f"statistics hold output norms of {stats.out_ref.shape} neurons "
-                             f"(groups, per group); the weights have {w.shape[::2]}")
+            raise ValueError(
+                f"statistics hold output norms of {stats.out_ref.shape} neurons "
+                f"(groups, per group); the weights have {w.shape[::2]}"
+            )
         return ErrorTerms(stats.out_drift, gw - hw, stats.out_ref)
     fw = _matmul(f, w)
     gtw = _matmul(jnp.swapaxes(g_, -1, -2), w)
@@ -404,8 +466,9 @@ def error_terms(stats: LayerStats, w: jax.Array) -> ErrorTerms:
 
 
 @jax.jit
-def error_given_terms(stats: LayerStats, terms: ErrorTerms, w: jax.Array,
-                      q: jax.Array) -> jax.Array:
+def error_given_terms(
+    stats: LayerStats, terms: ErrorTerms, w: jax.Array, q: jax.Array
+) -> jax.Array:
     """Per-neuron ||X w_j - X~ q_j||^2 (g, n): one N x N x n product per call."""
     d = w.astype(stats.hess.dtype) - q.astype(stats.hess.dtype)
     err = terms.const + 2 * _colwise_dot(d, terms.cross_w) + _colwise_dot(d, _matmul(stats.hess, d))
@@ -423,6 +486,20 @@ def output_error_sq(stats: LayerStats, w: jax.Array, q: jax.Array) -> tuple[jax.
     return error_given_terms(stats, terms, w, q), terms.ref
 
 
-__all__ = ["LayerStats", "ConvGeometry", "StatsAccumulator", "init_stats", "dense_rows",
-           "conv_rows", "conv_rows_at", "conv_row_count", "accumulate", "stats_from_data",
-           "output_error_sq", "ErrorTerms", "error_terms", "error_given_terms", "grouped_kernel"]
+__all__ = [
+    "LayerStats",
+    "ConvGeometry",
+    "StatsAccumulator",
+    "init_stats",
+    "dense_rows",
+    "conv_rows",
+    "conv_rows_at",
+    "conv_row_count",
+    "accumulate",
+    "stats_from_data",
+    "output_error_sq",
+    "ErrorTerms",
+    "error_terms",
+    "error_given_terms",
+    "grouped_kernel",
+]

@@ -16,12 +16,23 @@ BITS = st.sampled_from(["ternary", 2, 3, 4, 5, 6, 7, 8])
 GRID = st.sampled_from(["int", "int_full", "zzs", "ls"])
 
 
-@pytest.mark.parametrize("grid,bits,levels,storage", [
-    ("int", 2, 3, 2), ("int", 4, 15, 4), ("int", 8, 255, 8),
-    ("int_full", 2, 4, 2), ("int_full", 4, 16, 4),
-    ("zzs", 2, 5, 3), ("zzs", 4, 17, 5), ("zzs", 8, 257, 9),   # 2^b + 1 levels: b + 1 bits
-    ("ls", 2, 4, 2), ("ls", 3, 8, 3), ("int", "ternary", 3, 2), ("ls", "ternary", 3, 2),
-])
+@pytest.mark.parametrize(
+    "grid,bits,levels,storage",
+    [
+        ("int", 2, 3, 2),
+        ("int", 4, 15, 4),
+        ("int", 8, 255, 8),
+        ("int_full", 2, 4, 2),
+        ("int_full", 4, 16, 4),
+        ("zzs", 2, 5, 3),
+        ("zzs", 4, 17, 5),
+        ("zzs", 8, 257, 9),  # 2^b + 1 levels: b + 1 bits
+        ("ls", 2, 4, 2),
+        ("ls", 3, 8, 3),
+        ("int", "ternary", 3, 2),
+        ("ls", "ternary", 3, 2),
+    ],
+)
 def test_levels_and_storage_bits(grid, bits, levels, storage):
     a = make_alphabet(bits, grid)
     assert a.levels == levels and a.storage_bits == storage
@@ -34,8 +45,9 @@ def test_ls_grid_is_linspace():
         w = jnp.asarray(np.random.default_rng(0).normal(size=(50, 4)), jnp.float32)
         delta = float(gq.step_size(w, spec)[0])
         alpha = 3.0 * float(jnp.median(jnp.abs(w)))
-        np.testing.assert_allclose(spec.alphabet.values(delta),
-                                   np.linspace(-1, 1, 2**bits) * alpha, rtol=1e-5)
+        np.testing.assert_allclose(
+            spec.alphabet.values(delta), np.linspace(-1, 1, 2**bits) * alpha, rtol=1e-5
+        )
     ter = gq.QuantSpec(bits="ternary", grid="ls", c=3.0)
     assert ter.alphabet.values(1.0).tolist() == [-1.0, 0.0, 1.0]
 

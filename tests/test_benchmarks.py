@@ -14,17 +14,40 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "layer_speed.py"
 CASES = ("dense784_m5k", "dense784_m25k", "conv4608_m50k", "dense4096_m8k")
 TARGETS = ("1_gram_path_vs_data_form", "2_gram_path_vs_products", "3_gram_step_vs_matmul")
-GRAM_KEYS = ("stats_s", "stats_first_s", "gram_first_s", "gram_s", "gram_compile_s",
-             "gram_path_s", "matmul_s", "stats_products_s", "path_vs_products",
-             "quant_vs_matmul", "rss_gram_mb", "rss_base_mb", "block_size")
-DATA_KEYS = ("data_s", "data_first_s", "side_gram_path_s", "speedup", "codes_agreement",
-             "rss_data_mb")
+GRAM_KEYS = (
+    "stats_s",
+    "stats_first_s",
+    "gram_first_s",
+    "gram_s",
+    "gram_compile_s",
+    "gram_path_s",
+    "matmul_s",
+    "stats_products_s",
+    "path_vs_products",
+    "quant_vs_matmul",
+    "rss_gram_mb",
+    "rss_base_mb",
+    "block_size",
+)
+DATA_KEYS = (
+    "data_s",
+    "data_first_s",
+    "side_gram_path_s",
+    "speedup",
+    "codes_agreement",
+    "rss_data_mb",
+)
 
 
 def test_layer_speed_quick(tmp_path: Path) -> None:
     out = tmp_path / "results" / "layer_speed.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| case |" in proc.stdout
     res = json.loads(out.read_text())

@@ -30,8 +30,10 @@ def linen_case():
     x = jax.random.normal(jax.random.PRNGKey(0), (128, 48))
     model = Net()
     v = model.init(jax.random.PRNGKey(1), x)
-    rules = [gq.Rule("Dense_1", spec=gq.QuantSpec(bits=2, grid="ls")),
-             gq.Rule("Dense_2", spec=gq.QuantSpec(bits=8, grid="zzs"))]
+    rules = [
+        gq.Rule("Dense_1", spec=gq.QuantSpec(bits=2, grid="ls")),
+        gq.Rule("Dense_2", spec=gq.QuantSpec(bits=8, grid="zzs")),
+    ]
     res = gq.quantize_params(model, v, x, gq.QuantSpec(bits=4), "rtn", rules, progress=False)
     return model, v, x, res
 
@@ -64,8 +66,13 @@ def test_linen_round_trip_is_exact_and_smaller(linen_case, tmp_path):
     assert rep["quantized_disk_bytes"] < rep["float_disk_bytes"]
     assert rep["quantized_bytes"] < rep["float_bytes"] / 3
     n0 = 48 * 96
-    assert rep["layers"][0] == {"layer": "Dense_0", "params": n0, "storage_bits": 4,
-                                "codes_bytes": n0 // 2, "scale_bytes": 96 * 4}
+    assert rep["layers"][0] == {
+        "layer": "Dense_0",
+        "params": n0,
+        "storage_bits": 4,
+        "codes_bytes": n0 // 2,
+        "scale_bytes": 96 * 4,
+    }
     assert rep["layers"][2]["storage_bits"] == 9  # zzs 8 bits: 257 levels
     mem = gq.size_report(res, v)
     for k in ("float_bytes", "quantized_bytes", "codes_bytes", "scales_bytes", "other_bytes"):
@@ -73,13 +80,13 @@ def test_linen_round_trip_is_exact_and_smaller(linen_case, tmp_path):
     assert mem["quantized_disk_bytes"] is None
 
 
-def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_path,
-                                                               monkeypatch):
+def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_path, monkeypatch):
     *_, res = linen_case
     target = tmp_path / "ckpt"
     ocp.PyTreeCheckpointer().save(target, {"w": jnp.ones(3)})  # an existing float checkpoint
-    before = sorted((p, os.path.getsize(os.path.join(r, p)))
-                    for r, _, fs in os.walk(target) for p in fs)
+    before = sorted(
+        (p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(target) for p in fs
+    )
     with pytest.raises(FileExistsError, match="overwrite=True"):
         gq.save_quantized(target, res)
 
@@ -91,8 +98,9 @@ def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_p
         gq.save_quantized(target, res, overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):
         gq.save_quantized(tmp_path / "new", res)
-    after = sorted((p, os.path.getsize(os.path.join(r, p)))
-                   for r, _, fs in os.walk(target) for p in fs)
+    after = sorted(
+        (p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(target) for p in fs
+    )
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs, no "new"
     monkeypatch.undo()
@@ -121,8 +129,9 @@ def test_nnx_round_trip(tmp_path):
     _same(loaded["head"], res.variables["head"])
     key = loaded["drop"]["rngs"]["key"]
     assert jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    np.testing.assert_array_equal(jax.random.key_data(key),
-                                  jax.random.key_data(res.variables["drop"]["rngs"]["key"]))
+    np.testing.assert_array_equal(
+        jax.random.key_data(key), jax.random.key_data(res.variables["drop"]["rngs"]["key"])
+    )
     qnet = gq.load_quantized(tmp_path / "n", model=res.model)
     np.testing.assert_array_equal(qnet.conv.kernel[...], res.model.conv.kernel[...])
     np.testing.assert_array_equal(qnet(x), res.model(x))

@@ -46,10 +46,12 @@ def numpy_gpfq(w, x, xq, delta, alphabet, sparsity=None, lam=0.0, uniform=None):
 def _all_forms(w, x, xq, delta, alphabet, block_size, **kw):
     stats = gq.stats_from_data(x, xq, x.dtype)
     data = gq.gpfq_data_form(w, x, xq, delta, alphabet, **kw)
-    gram = gq.gpfq_gram_form(w, stats.hess[0], stats.cross[0], delta, alphabet,
-                             block_size=w.shape[0], **kw)
-    blocked = gq.gpfq_gram_form(w, stats.hess[0], stats.cross[0], delta, alphabet,
-                                block_size=block_size, **kw)
+    gram = gq.gpfq_gram_form(
+        w, stats.hess[0], stats.cross[0], delta, alphabet, block_size=w.shape[0], **kw
+    )
+    blocked = gq.gpfq_gram_form(
+        w, stats.hess[0], stats.cross[0], delta, alphabet, block_size=block_size, **kw
+    )
     return np.asarray(data), np.asarray(gram), np.asarray(blocked)
 
 
@@ -66,8 +68,13 @@ def test_data_gram_blocked_agree(x64, rng, grid, bits):
 
 
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 40), n=st.integers(1, 30), n_out=st.integers(1, 6),
-       block=st.integers(1, 33), seed=st.integers(0, 2**31 - 1))
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 30),
+    n_out=st.integers(1, 6),
+    block=st.integers(1, 33),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_forms_agree_any_shape(m, n, n_out, block, seed):
     with jax.enable_x64(True):
         w, x, xq = _problem(np.random.default_rng(seed), m, n, n_out)
@@ -86,12 +93,14 @@ def test_sparsity_variants_agree(x64, rng, sparsity):
     alphabet = make_alphabet(4, "int")
     delta = gq.step_size(w, gq.QuantSpec(bits=4))
     lam = 0.5 * float(jnp.median(jnp.abs(x.T @ x)))
-    data, gram, blocked = _all_forms(w, x, xq, delta, alphabet, block_size=5,
-                                     sparsity=sparsity, lam=lam)
+    data, gram, blocked = _all_forms(
+        w, x, xq, delta, alphabet, block_size=5, sparsity=sparsity, lam=lam
+    )
     np.testing.assert_array_equal(data, gram)
     np.testing.assert_array_equal(data, blocked)
     np.testing.assert_array_equal(
-        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, sparsity, lam))
+        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, sparsity, lam)
+    )
     dense = np.asarray(gq.gpfq_data_form(w, x, xq, delta, alphabet))
     assert (data == 0).sum() > (dense == 0).sum()  # thresholding makes codes sparser
 
@@ -105,7 +114,8 @@ def test_stochastic_rounding_agrees_and_is_unbiased(x64, rng):
     np.testing.assert_array_equal(data, gram)
     np.testing.assert_array_equal(data, blocked)
     np.testing.assert_array_equal(
-        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, uniform=np.asarray(u)))
+        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, uniform=np.asarray(u))
+    )
     # Unbiased: averaging stochastic rounding of a fixed value over many draws recovers it.
     v = jnp.full((20000,), 0.3)
     draws = gq.round_to_codes(v, 1.0, alphabet, jax.random.uniform(jax.random.PRNGKey(1), v.shape))

@@ -26,15 +26,16 @@ def test_result_fields(layer):
     per_layer = gq.quantize_layer(w, x, spec=gq.QuantSpec(bits=4, per_channel=False))
     assert per_layer.scale.shape == ()
     zzs8 = gq.quantize_layer(w, x, spec=gq.QuantSpec(bits=8, grid="zzs"))
-    assert zzs8.codes.dtype == jnp.int16                       # codes -128..128
+    assert zzs8.codes.dtype == jnp.int16  # codes -128..128
 
 
 @pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq"])
 def test_search_never_worse_than_default_step(layer, method):
     w, x = layer
     for per_channel in (True, False):
-        base = gq.quantize_layer(w, x, spec=gq.QuantSpec(bits=3, per_channel=per_channel),
-                                 method=method)
+        base = gq.quantize_layer(
+            w, x, spec=gq.QuantSpec(bits=3, per_channel=per_channel), method=method
+        )
         spec = gq.QuantSpec(bits=3, scale="search", per_channel=per_channel)
         found = gq.quantize_layer(w, x, spec=spec, method=method)
         assert found.rel_error <= base.rel_error + 1e-6

@@ -12,14 +12,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "model_speed.py"
-LAYER_KEYS = {"index", "layer", "kind", "shape", "rows", "capture_s", "capture_first_s",
-              "capture_steady_per_batch_s", "stats_s", "quant_s", "total_s", "rel_error"}
+LAYER_KEYS = {
+    "index",
+    "layer",
+    "kind",
+    "shape",
+    "rows",
+    "capture_s",
+    "capture_first_s",
+    "capture_steady_per_batch_s",
+    "stats_s",
+    "quant_s",
+    "total_s",
+    "rel_error",
+}
 
 
 def test_model_speed_quick(tmp_path: Path) -> None:
     out = tmp_path / "results" / "model_speed.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### mlp" in proc.stdout and "capture time vs layer index" in proc.stdout
     res = json.loads(out.read_text())

@@ -22,10 +22,14 @@ from gpfq_jax import training as tr
 from gpfq_jax.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("GPFQ_DATA_DIR") or Path(__file__).resolve().parents[2]
-                / "shared" / "data")
-MNIST_FILES = [DATA_DIR / "mnist" / f"{p}-{k}-ubyte.gz"
-               for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+DATA_DIR = Path(
+    os.environ.get("GPFQ_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+MNIST_FILES = [
+    DATA_DIR / "mnist" / f"{p}-{k}-ubyte.gz"
+    for p in ("train", "t10k")
+    for k in ("images-idx3", "labels-idx1")
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,10 +69,16 @@ def test_calibration_is_seeded_distinct_and_sorted():
 
 def test_calibration_comes_from_train_split_only():
     n = 300
-    ds = data.Dataset(x_train=np.arange(n)[:, None], y_train=np.zeros(n, np.int32),
-                      x_val=np.full((50, 1), -1), y_val=np.zeros(50, np.int32),
-                      x_test=np.full((50, 1), -2), y_test=np.zeros(50, np.int32),
-                      name="toy", source="toy")
+    ds = data.Dataset(
+        x_train=np.arange(n)[:, None],
+        y_train=np.zeros(n, np.int32),
+        x_val=np.full((50, 1), -1),
+        y_val=np.zeros(50, np.int32),
+        x_test=np.full((50, 1), -2),
+        y_test=np.zeros(50, np.int32),
+        name="toy",
+        source="toy",
+    )
     calib = ex.calibration_images(ds.x_train, 120, seed=0)
     assert calib.shape == (120, 1) and calib.min() >= 0
     np.testing.assert_array_equal(calib[:, 0], ex.calibration_indices(n, 120, seed=0))
@@ -88,11 +98,24 @@ def test_calibration_from_real_mnist_train_split_excludes_val():
 
 
 def test_run_grid_product_extras_and_names():
-    runs = ex.run_grid(["gpfq", "rtn"], ["int"], ["ternary", "2", 3],
-                       extra=[("ls", "ternary"), ("int", 3), ("int_full", 2)])
+    runs = ex.run_grid(
+        ["gpfq", "rtn"],
+        ["int"],
+        ["ternary", "2", 3],
+        extra=[("ls", "ternary"), ("int", 3), ("int_full", 2)],
+    )
     assert [r.name for r in runs] == [
-        "gpfq_int_ternary", "gpfq_int_2", "gpfq_int_3", "gpfq_ls_ternary", "gpfq_int_full_2",
-        "rtn_int_ternary", "rtn_int_2", "rtn_int_3", "rtn_ls_ternary", "rtn_int_full_2"]
+        "gpfq_int_ternary",
+        "gpfq_int_2",
+        "gpfq_int_3",
+        "gpfq_ls_ternary",
+        "gpfq_int_full_2",
+        "rtn_int_ternary",
+        "rtn_int_2",
+        "rtn_int_3",
+        "rtn_ls_ternary",
+        "rtn_int_full_2",
+    ]
     spec = ex.make_spec(runs[3], "search")
     assert (spec.bits, spec.grid, spec.channelwise) == ("ternary", "ls", False)
     assert ex.make_spec(runs[3], None, per_channel=True).channelwise
@@ -100,14 +123,22 @@ def test_run_grid_product_extras_and_names():
 
 
 def test_same_alphabet_reuses_int_2bit_as_ternary():
-    tern, two, full2, ls2 = (ex.Run("gpfq", "int", "ternary"), ex.Run("gpfq", "int", 2),
-                             ex.Run("gpfq", "int_full", 2), ex.Run("gpfq", "ls", 2))
+    tern, two, full2, ls2 = (
+        ex.Run("gpfq", "int", "ternary"),
+        ex.Run("gpfq", "int", 2),
+        ex.Run("gpfq", "int_full", 2),
+        ex.Run("gpfq", "ls", 2),
+    )
     assert ex.same_alphabet(two, [tern]) == tern
     assert ex.same_alphabet(two, [ex.Run("rtn", "int", "ternary")]) is None
     assert ex.same_alphabet(full2, [tern]) is None and ex.same_alphabet(ls2, [tern]) is None
     rec = ex.reused_record({"name": tern.name, "bits": "ternary", "test_accuracy": 0.9}, two)
-    assert rec == {"name": "gpfq_int_2", "bits": 2, "test_accuracy": 0.9,
-                   "same_as": "gpfq_int_ternary"}
+    assert rec == {
+        "name": "gpfq_int_2",
+        "bits": 2,
+        "test_accuracy": 0.9,
+        "same_as": "gpfq_int_ternary",
+    }
 
 
 # ----------------------------------------------------------------------------- tables
@@ -115,46 +146,80 @@ def test_same_alphabet_reuses_int_2bit_as_ternary():
 
 def toy_results() -> dict:
     def run(method, grid, bits, test, **kw):
-        layers = [{"layer": "Dense_0", "rel_error": 0.1, "c": 1.5},
-                  {"layer": "Dense_1", "rel_error": 0.2, "c": 0.75}]
-        return {"name": f"{method}_{grid}_{bits}", "method": method, "grid": grid,
-                "bits": bits, "levels": 3, "storage_bits": 2, "val_accuracy": test - 0.001,
-                "test_accuracy": test, "layers": layers,
-                "seconds": {"total": 2.0, "capture": 0.5, "stats": 0.25, "quant": 1.25}, **kw}
+        layers = [
+            {"layer": "Dense_0", "rel_error": 0.1, "c": 1.5},
+            {"layer": "Dense_1", "rel_error": 0.2, "c": 0.75},
+        ]
+        return {
+            "name": f"{method}_{grid}_{bits}",
+            "method": method,
+            "grid": grid,
+            "bits": bits,
+            "levels": 3,
+            "storage_bits": 2,
+            "val_accuracy": test - 0.001,
+            "test_accuracy": test,
+            "layers": layers,
+            "seconds": {"total": 2.0, "capture": 0.5, "stats": 0.25, "quant": 1.25},
+            **kw,
+        }
 
-    return {"model": "mlp", "dataset": "mnist", "dataset_source": "MNIST idx files",
-            "float_checkpoint": "ckpt", "c_selection": "search",
-            "calibration": {"size": 100, "seed": 0, "split": "train", "batch_size": 50},
-            "float": {"test_accuracy": 0.9849, "val_accuracy": 0.985},
-            "runs": [run("gpfq", "int", 3, 0.98), run("gpfq", "int", "ternary", 0.9712),
-                     run("rtn", "int", 3, 0.97),
-                     {**run("gpfq", "int", 2, 0.9712), "same_as": "gpfq_int_ternary"},
-                     {"name": "rtn_int_ternary", "method": "rtn", "grid": "int",
-                      "bits": "ternary", "error": "ValueError: boom"}],
-            "seconds_total": 9.0}
+    return {
+        "model": "mlp",
+        "dataset": "mnist",
+        "dataset_source": "MNIST idx files",
+        "float_checkpoint": "ckpt",
+        "c_selection": "search",
+        "calibration": {"size": 100, "seed": 0, "split": "train", "batch_size": 50},
+        "float": {"test_accuracy": 0.9849, "val_accuracy": 0.985},
+        "runs": [
+            run("gpfq", "int", 3, 0.98),
+            run("gpfq", "int", "ternary", 0.9712),
+            run("rtn", "int", 3, 0.97),
+            {**run("gpfq", "int", 2, 0.9712), "same_as": "gpfq_int_ternary"},
+            {
+                "name": "rtn_int_ternary",
+                "method": "rtn",
+                "grid": "int",
+                "bits": "ternary",
+                "error": "ValueError: boom",
+            },
+        ],
+        "seconds_total": 9.0,
+    }
 
 
 def test_accuracy_table_format():
-    assert ex.accuracy_table(toy_results()) == "\n".join([
-        "| method | ternary | 2-bit | 3-bit |",
-        "| --- | --- | --- | --- |",
-        "| float | 98.49 | 98.49 | 98.49 |",
-        "| GPFQ int | 97.12 | 97.12 | 98.00 |",
-        "| RTN int | - | - | 97.00 |",
-    ])
+    assert ex.accuracy_table(toy_results()) == "\n".join(
+        [
+            "| method | ternary | 2-bit | 3-bit |",
+            "| --- | --- | --- | --- |",
+            "| float | 98.49 | 98.49 | 98.49 |",
+            "| GPFQ int | 97.12 | 97.12 | 98.00 |",
+            "| RTN int | - | - | 97.00 |",
+        ]
+    )
 
 
 def test_runs_table_and_markdown_report_failures(tmp_path):
     res = toy_results()
     table = ex.runs_table(res).splitlines()
-    assert table[2] == ("| gpfq_int_3 | 3 | 2 | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
-                        "2.0 | 0.5 | 0.2 | 1.2 |")
+    assert table[2] == (
+        "| gpfq_int_3 | 3 | 2 | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
+        "2.0 | 0.5 | 0.2 | 1.2 |"
+    )
     assert "FAILED: ValueError: boom" in table[-1]
     assert "| gpfq_int_2 | same alphabet as gpfq_int_ternary: reused |" in table[-2]
     md = ex.results_markdown(res)
-    for part in ("## Test accuracy (%)", "## Validation accuracy (%)", "## Runs",
-                 "100 images from the train split", "1 run(s) failed: rtn_int_ternary",
-                 "Total quantization time: 6.0 s over 3 runs", "repeats the ternary run"):
+    for part in (
+        "## Test accuracy (%)",
+        "## Validation accuracy (%)",
+        "## Runs",
+        "100 images from the train split",
+        "1 run(s) failed: rtn_int_ternary",
+        "Total quantization time: 6.0 s over 3 runs",
+        "repeats the ternary run",
+    ):
         assert part in md, part
     ex.plot_accuracy_vs_bits(res, tmp_path / "a.png")
     ex.plot_layer_errors(res, tmp_path / "b.png")
@@ -194,8 +259,9 @@ def test_execute_run_selects_c_on_validation_only():
         calls.append(split)
         return 0.5 if split == "test" else 1.0 - abs(specs[-1].c - 2.0)
 
-    record, res = ex.execute_run(run, quantize, evaluate, scale="search",
-                                 c_grid_val=[0.5, 2.0, 4.0])
+    record, res = ex.execute_run(
+        run, quantize, evaluate, scale="search", c_grid_val=[0.5, 2.0, 4.0]
+    )
     assert calls == ["val", "val", "val", "test"]
     assert [(s.c, s.scale) for s in specs] == [(0.5, None), (2.0, None), (4.0, None)]
     assert record["c_choice"] == "val"
@@ -218,8 +284,16 @@ def test_width_sweep_tiny(tmp_path):
     """N >> m: GPFQ's error falls with N, RTN's does not (tiny sizes, one seed)."""
     quantize = load_module("quantize", REPO / "quantize.py")
     cfg = config("width_sweep")
-    cfg.sweep.update(m=8, widths=(16, 128), neurons=8, seeds=(0,), methods=("gpfq", "rtn"),
-                     gptq_max_width=16, scale="median", c=2.0)  # a step independent of N
+    cfg.sweep.update(
+        m=8,
+        widths=(16, 128),
+        neurons=8,
+        seeds=(0,),
+        methods=("gpfq", "rtn"),
+        gptq_max_width=16,
+        scale="median",
+        c=2.0,
+    )  # a step independent of N
     result = quantize.width_sweep_experiment(cfg, tmp_path)
     assert result["slope"]["gpfq"] < -0.3 and abs(result["slope"]["rtn"]) < 0.1
     assert result["tail_slope"] == result["slope"]
@@ -249,13 +323,23 @@ def cli_run(tmp_path_factory):
     """quantize.py on real MNIST: trains a tiny float model first (300 images, 1 epoch)."""
     need_mnist()
     workdir = tmp_path_factory.mktemp("quantize")
-    cmd = [sys.executable, str(REPO / "quantize.py"), "--config=configs/mnist_mlp.py",
-           f"--workdir={workdir}", f"--config.float_checkpoint={workdir / 'absent'}",
-           "--config.train_if_missing=True", "--config.num_epochs=1",
-           "--config.limit_train=300", "--config.val_size=500",
-           "--config.quant.calib_size=200", "--config.quant.calib_batch_size=100",
-           "--config.quant.methods=('gpfq',)", "--config.quant.bits=(3, 4)",
-           "--config.quant.extra_runs=()", "--config.quant.scale=max"]
+    cmd = [
+        sys.executable,
+        str(REPO / "quantize.py"),
+        "--config=configs/mnist_mlp.py",
+        f"--workdir={workdir}",
+        f"--config.float_checkpoint={workdir / 'absent'}",
+        "--config.train_if_missing=True",
+        "--config.num_epochs=1",
+        "--config.limit_train=300",
+        "--config.val_size=500",
+        "--config.quant.calib_size=200",
+        "--config.quant.calib_batch_size=100",
+        "--config.quant.methods=('gpfq',)",
+        "--config.quant.bits=(3, 4)",
+        "--config.quant.extra_runs=()",
+        "--config.quant.scale=max",
+    ]
     env = {**os.environ, "GPFQ_DATA_DIR": str(DATA_DIR)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -267,14 +351,29 @@ def test_cli_writes_results_plots_and_checkpoints(cli_run):
     assert (workdir / "float" / "_CHECKPOINT_METADATA").exists()  # trained first
     res = json.loads((workdir / "results.json").read_text())
     assert res["complete"] and res["calibration"] == {
-        "size": 200, "seed": 0, "split": "train", "batch_size": 100, "pool": 59500,
-        "patch_fraction": 1.0}
+        "size": 200,
+        "seed": 0,
+        "split": "train",
+        "batch_size": 100,
+        "pool": 59500,
+        "patch_fraction": 1.0,
+    }
     assert "MNIST" in res["dataset_source"] and res["config"]["quant"]["calib_size"] == 200
     assert 0.1 < res["float"]["test_accuracy"] <= 1 and res["float"]["val_accuracy"] is not None
     assert [r["name"] for r in res["runs"]] == ["gpfq_int_3", "gpfq_int_4"]
     for r in res["runs"]:
-        assert {"method", "grid", "bits", "levels", "storage_bits", "val_accuracy",
-                "test_accuracy", "layers", "seconds", "checkpoint"} <= set(r)
+        assert {
+            "method",
+            "grid",
+            "bits",
+            "levels",
+            "storage_bits",
+            "val_accuracy",
+            "test_accuracy",
+            "layers",
+            "seconds",
+            "checkpoint",
+        } <= set(r)
         assert [lay["layer"] for lay in r["layers"]] == ["Dense_0", "Dense_1", "Dense_2"]
         assert all({"rel_error", "c", "seconds"} <= set(lay) for lay in r["layers"])
     assert res["runs"][1]["levels"] == 15 and res["runs"][1]["storage_bits"] == 4
@@ -291,8 +390,13 @@ def test_cli_quantized_checkpoint_reproduces_accuracy(cli_run):
     run = res["runs"][0]
     variables = gq.load_quantized(workdir / "quantized" / "gpfq_int_3")
     x_test, y_test = data.load_split("mnist", "test", DATA_DIR, allow_download=False)
-    acc = tr.evaluate(create_model("mlp"), variables, x_test, y_test,
-                      preprocess=lambda b: data.normalize(b, "mnist"))
+    acc = tr.evaluate(
+        create_model("mlp"),
+        variables,
+        x_test,
+        y_test,
+        preprocess=lambda b: data.normalize(b, "mnist"),
+    )
     assert acc == run["test_accuracy"]
     kernel = np.asarray(variables["params"]["Dense_0"]["kernel"])
     assert len(np.unique(kernel[:, 0])) <= 7  # 3-bit int: 7 levels per channel

@@ -108,8 +108,9 @@ def test_one_dense_equals_quantize_layer():
     np.testing.assert_array_equal(res.variables["params"]["Dense_0"]["kernel"], ref.q)
     assert rec.rel_error == pytest.approx(ref.rel_error, rel=1e-6)
     assert (rec.name, rec.kind, rec.shape, rec.rows) == ("Dense_0", "dense", (8, 5), 64)
-    np.testing.assert_array_equal(res.variables["params"]["Dense_0"]["bias"],
-                                  v["params"]["Dense_0"]["bias"])
+    np.testing.assert_array_equal(
+        res.variables["params"]["Dense_0"]["bias"], v["params"]["Dense_0"]["bias"]
+    )
 
 
 def test_mlp_partially_quantized_inputs_by_hand(x64):
@@ -146,8 +147,7 @@ def _cnn_inputs(p, s, x, eps=1e-5):
     ins.append(h)
     y = y + _conv(h, p["conv2"]["kernel"])
     ins.append(y)
-    y = jax.nn.relu(_conv(y, p["conv3"]["kernel"], (2, 2), ((0, 0), (0, 0)))
-                    + p["conv3"]["bias"])
+    y = jax.nn.relu(_conv(y, p["conv3"]["kernel"], (2, 2), ((0, 0), (0, 0))) + p["conv3"]["bias"])
     y = y.reshape(y.shape[0], 1, 3, 1, 3, 4).mean(axis=(2, 4)).reshape(y.shape[0], -1)
     ins.append(y)
     return ins
@@ -165,16 +165,22 @@ def test_cnn_with_bn_and_residual_by_hand(x64):
     qp = {k: dict(val) for k, val in p.items()}
     for i, name in enumerate(names):
         xf = _cnn_inputs(p, s, x)[i]
-        xq = _cnn_inputs(qp, s, x)[i]   # layers < i already quantized in qp
+        xq = _cnn_inputs(qp, s, x)[i]  # layers < i already quantized in qp
         w = p[name]["kernel"]
         if name == "fc":
             ref = gq.quantize_layer(w, xf, xq, spec=SPEC)
         else:
-            geo = ConvGeometry.create(w.shape, strides=2 if name == "conv3" else 1,
-                                      padding="VALID" if name == "conv3" else "SAME",
-                                      input_shape=xf.shape)
-            stats = accumulate(init_stats(int(np.prod(w.shape[:-1])), 1, jnp.float64),
-                               conv_rows(xf, geo), conv_rows(xq, geo))
+            geo = ConvGeometry.create(
+                w.shape,
+                strides=2 if name == "conv3" else 1,
+                padding="VALID" if name == "conv3" else "SAME",
+                input_shape=xf.shape,
+            )
+            stats = accumulate(
+                init_stats(int(np.prod(w.shape[:-1])), 1, jnp.float64),
+                conv_rows(xf, geo),
+                conv_rows(xq, geo),
+            )
             ref = gq.quantize_from_stats(w, stats, SPEC)
         np.testing.assert_array_equal(res[name].codes, ref.codes, err_msg=name)
         qp[name]["kernel"] = res.variables["params"][name]["kernel"]
@@ -187,8 +193,10 @@ def test_nnx_and_linen_twin_give_same_codes():
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
     net = NNXMLP3(nnx.Rngs(3))
     lin = MLP3()
-    params = {f"Dense_{i}": {"kernel": layer.kernel[...], "bias": layer.bias[...]}
-              for i, layer in enumerate(net.layers)}
+    params = {
+        f"Dense_{i}": {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+        for i, layer in enumerate(net.layers)
+    }
     before = [layer.kernel[...] for layer in net.layers]
     r_lin = run(lin, {"params": params}, x, spec=SPEC)
     r_nnx = run(net, None, x, spec=SPEC)
@@ -198,12 +206,13 @@ def test_nnx_and_linen_twin_give_same_codes():
     for layer, k in zip(net.layers, before):  # the user's model is untouched
         np.testing.assert_array_equal(layer.kernel[...], k)
     for i, layer in enumerate(r_nnx.model.layers):
-        np.testing.assert_array_equal(layer.kernel[...],
-                                      r_lin.variables["params"][f"Dense_{i}"]["kernel"])
-    np.testing.assert_array_equal(r_nnx.variables["layers"][1]["kernel"],
-                                  r_nnx.model.layers[1].kernel[...])
-    np.testing.assert_allclose(r_nnx.model(x), lin.apply(r_lin.variables, x), rtol=1e-5,
-                               atol=1e-5)
+        np.testing.assert_array_equal(
+            layer.kernel[...], r_lin.variables["params"][f"Dense_{i}"]["kernel"]
+        )
+    np.testing.assert_array_equal(
+        r_nnx.variables["layers"][1]["kernel"], r_nnx.model.layers[1].kernel[...]
+    )
+    np.testing.assert_allclose(r_nnx.model(x), lin.apply(r_lin.variables, x), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -216,11 +225,15 @@ def test_rules_skip_and_respec_only_their_layers():
     rules = [gq.Rule("_0$", skip=True), ("Dense_2", False, {"bits": 8}, "rtn")]
     res = run(model, v, x, spec=SPEC, rules=rules)
     assert res.skipped == ["Dense_0"] and [r.name for r in res.layers] == ["Dense_1", "Dense_2"]
-    np.testing.assert_array_equal(res.variables["params"]["Dense_0"]["kernel"],
-                                  v["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        res.variables["params"]["Dense_0"]["kernel"], v["params"]["Dense_0"]["kernel"]
+    )
     assert (res["Dense_1"].spec, res["Dense_1"].method) == (SPEC, "gpfq")
-    assert (res["Dense_2"].spec.bits, res["Dense_2"].method, res["Dense_2"].levels) == (8, "rtn",
-                                                                                        255)
+    assert (res["Dense_2"].spec.bits, res["Dense_2"].method, res["Dense_2"].levels) == (
+        8,
+        "rtn",
+        255,
+    )
     assert res["Dense_2"].spec.grid == SPEC.grid
     # the first layer stays float, so the second layer's quantized input equals its float input
     xin = jax.nn.relu(x @ v["params"]["Dense_0"]["kernel"] + v["params"]["Dense_0"]["bias"])
@@ -232,8 +245,9 @@ def test_rules_skip_and_respec_only_their_layers():
 
 def test_rule_forms_and_first_match_wins():
     names = ["a/conv", "a/dense", "b/dense"]
-    plans = gq.rules.plan_layers(names, [{"pattern": "dense", "bits": 8},
-                                         gq.Rule("b/", skip=True)], SPEC, "gpfq")
+    plans = gq.rules.plan_layers(
+        names, [{"pattern": "dense", "bits": 8}, gq.Rule("b/", skip=True)], SPEC, "gpfq"
+    )
     assert [(p.skip, p.spec.bits) for p in plans] == [(False, 3), (False, 8), (False, 8)]
     with pytest.raises(ValueError, match="invalid regex|not a valid regex"):
         gq.Rule("(")
@@ -255,10 +269,14 @@ def test_unmatched_rule_raises_naming_pattern_and_layers():
 class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn0")(
-            nn.Conv(4, (3, 3), name="conv0")(x)))
+        x = nn.relu(
+            nn.BatchNorm(use_running_average=not train, name="bn0")(
+                nn.Conv(4, (3, 3), name="conv0")(x)
+            )
+        )
         x = nn.BatchNorm(use_running_average=not train, use_scale=False, name="bn1")(
-            nn.Conv(5, (3, 3), use_bias=False, name="conv1")(x))
+            nn.Conv(5, (3, 3), use_bias=False, name="conv1")(x)
+        )
         x = x.mean(axis=(1, 2))
         return nn.BatchNorm(use_running_average=not train, name="bn2")(nn.Dense(3, name="fc")(x))
 
@@ -269,8 +287,10 @@ def _convbn_variables(x):
     v = _random_bn(v, "bn0", jax.random.PRNGKey(2), 4)
     v = _random_bn(v, "bn2", jax.random.PRNGKey(3), 3)
     s = dict(v["batch_stats"])
-    s["bn1"] = {"mean": jax.random.normal(jax.random.PRNGKey(4), (5,)),
-                "var": jax.random.uniform(jax.random.PRNGKey(5), (5,)) + 0.5}
+    s["bn1"] = {
+        "mean": jax.random.normal(jax.random.PRNGKey(4), (5,)),
+        "var": jax.random.uniform(jax.random.PRNGKey(5), (5,)) + 0.5,
+    }
     p = dict(v["params"])
     p["bn1"] = {"bias": jax.random.normal(jax.random.PRNGKey(6), (5,))}
     return model, {"params": p, "batch_stats": s}
@@ -281,7 +301,10 @@ def test_bn_folding_keeps_float_outputs():
     model, v = _convbn_variables(x)
     pairs = trace_bn_follows(model, v, x, {"train": False})
     assert [(p.path, p.bn_path, p.foldable) for p in pairs] == [
-        (("conv0",), ("bn0",), True), (("conv1",), ("bn1",), True), (("fc",), ("bn2",), True)]
+        (("conv0",), ("bn0",), True),
+        (("conv1",), ("bn1",), True),
+        (("fc",), ("bn2",), True),
+    ]
     folded = fold_linen(v, pairs)
     y0, y1 = model.apply(v, x), model.apply(folded, x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(jnp.abs(y0).max()))
@@ -296,8 +319,9 @@ def test_bn_folding_keeps_float_outputs():
     # through the driver: folded pairs reported, quantized model still drop-in
     res = run(model, v, x, spec=gq.QuantSpec(bits=8), method="rtn", fold_batchnorm=True)
     assert res.folded == [("conv0", "bn0"), ("conv1", "bn1"), ("fc", "bn2")]
-    np.testing.assert_allclose(model.apply(res.variables, x), y0, rtol=0.05,
-                               atol=0.05 * float(jnp.abs(y0).max()))
+    np.testing.assert_allclose(
+        model.apply(res.variables, x), y0, rtol=0.05, atol=0.05 * float(jnp.abs(y0).max())
+    )
 
 
 def test_bn_folding_nnx_keeps_outputs_and_user_model():
@@ -363,12 +387,17 @@ def test_bias_correction_reduces_mean_output_difference():
         return jnp.abs(((xf @ w + b) - (xq @ qw + qb)).mean(0))
 
     for name, prev in (("Dense_0", []), ("Dense_1", ["Dense_0"])):
-        d_plain, d_corr = mean_diff(plain.variables, name, prev), mean_diff(corr.variables,
-                                                                            name, prev)
+        d_plain, d_corr = (
+            mean_diff(plain.variables, name, prev),
+            mean_diff(corr.variables, name, prev),
+        )
         assert float(d_corr.max()) < 1e-4 < float(d_plain.max())
-        np.testing.assert_allclose(corr[name].bias_shift,
-                                   corr.variables["params"][name]["bias"] - p[name]["bias"],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            corr[name].bias_shift,
+            corr.variables["params"][name]["bias"] - p[name]["bias"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
     np.testing.assert_array_equal(corr["Dense_0"].codes, plain["Dense_0"].codes)
 
 
@@ -423,6 +452,8 @@ def test_api_examples(tmp_path, capsys):
     assert "(512, 10)" in out and "('fc2', 8)" in out
     exec(blocks[2], ns)  # rules
     assert [(r.spec.bits, r.method, r.levels) for r in ns["res"].layers] == [
-        ("ternary", "gpfq", 3), (8, "rtn", 255)]
+        ("ternary", "gpfq", 3),
+        (8, "rtn", 255),
+    ]
     exec(blocks[3].replace("/tmp/gpfq_example", str(tmp_path)), ns)
     assert ns["report"]["quantized_bytes"] < ns["report"]["float_bytes"]

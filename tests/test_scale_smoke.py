@@ -22,9 +22,23 @@ CACHE = Path(tempfile.gettempdir()) / "gpfq_jax_test_compile_cache"
 
 def test_scale_quick(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu",
-                           "--out", str(out), "--compile-cache", str(CACHE)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--compile-cache",
+            str(CACHE),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for part in ("### devices", "### memory", "### large", "### resnet18", "### dtype"):
         assert part in proc.stdout
@@ -56,6 +70,11 @@ def test_scale_quick(tmp_path: Path) -> None:
     assert run["patch_fraction"] == 1.0 and len(run["layers"]) == 4
 
     dt = parts["dtype"]
-    assert {"float32", "float64", "codes_differing_fraction", "rel_error_diff",
-            "time_ratio_64_over_32"} <= set(dt)
+    assert {
+        "float32",
+        "float64",
+        "codes_differing_fraction",
+        "rel_error_diff",
+        "time_ratio_64_over_32",
+    } <= set(dt)
     assert dt["backend"]["x64"] is True

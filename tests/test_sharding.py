@@ -31,14 +31,20 @@ CACHE = Path(tempfile.gettempdir()) / "gpfq_jax_test_compile_cache"
 def _subprocess_env(devices: int) -> dict:
     """CPU-only, ``devices`` simulated devices, JAX's persistent compilation cache (it is
     keyed by program, options and versions, and makes repeated runs much faster)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_force_host_platform_device_count={devices}").strip(),
-                JAX_COMPILATION_CACHE_DIR=str(CACHE),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=(
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+        ).strip(),
+        JAX_COMPILATION_CACHE_DIR=str(CACHE),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
-SHARDED_SCRIPT = textwrap.dedent('''
+
+SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -84,16 +90,22 @@ SHARDED_SCRIPT = textwrap.dedent('''
                                       for r, s in zip(a.layers, b.layers)),
                 "sharded_over": max(len(s.codes.sharding.device_set) for s in b.layers)}
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
 def sharded_result() -> dict:
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=_subprocess_env(4),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        cwd=ROOT,
+        env=_subprocess_env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.mark.parametrize("case", ["mlp_gpfq", "mlp_rtn", "cnn_gpfq"])
@@ -150,14 +162,22 @@ def test_callable_calib_equals_list_and_is_called_once_per_layer():
 
 def test_callable_calib_validation():
     model, v, batches = _setup()
-    run = lambda calib: gq.quantize_params(model, v, calib, method="rtn",  # noqa: E731
-                                           progress=False)
+    run = lambda calib: gq.quantize_params(
+        model,
+        v,
+        calib,
+        method="rtn",  # noqa: E731
+        progress=False,
+    )
     with pytest.raises(ValueError, match="empty calibration data"):
         run(lambda: iter([]))
     bad = [batches[0], batches[1].copy(), batches[2]]
     bad[1][3, 0] = np.nan
-    with pytest.raises(ValueError, match=r"NaN or Inf: 1 sample\(s\) of batch 1 \(pass 1 of "
-                                         r"calib\(\)\), first at sample 19"):
+    with pytest.raises(
+        ValueError,
+        match=r"NaN or Inf: 1 sample\(s\) of batch 1 \(pass 1 of "
+        r"calib\(\)\), first at sample 19",
+    ):
         run(CountingCalib(bad))
     with pytest.raises(ValueError, match="per-sample shape"):
         run(CountingCalib([batches[0], np.ones((4, 7), np.float32)]))
@@ -190,7 +210,7 @@ def test_mesh_auto_on_local_devices_and_bad_mesh():
 
 # ----------------------------------------------------------------------------- multi-process
 
-MULTIPROCESS_SCRIPT = textwrap.dedent('''
+MULTIPROCESS_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     pid, port = int(sys.argv[1]), sys.argv[2]
@@ -225,7 +245,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent('''
         ref = gq.quantize_params(model, v, batches, progress=False, stats_dtype=jnp.float64)
         out["equal"] = [bool(np.array_equal(c, r.codes)) for c, r in zip(codes, ref.layers)]
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 def _free_port() -> int:
@@ -243,9 +263,17 @@ def test_two_processes_global_mesh_equal_single_process(tmp_path):
     script.write_text(MULTIPROCESS_SCRIPT)
     env = _subprocess_env(2)
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:
@@ -256,8 +284,10 @@ def test_two_processes_global_mesh_equal_single_process(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    res = [json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-           for out in outs]
+    res = [
+        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        for out in outs
+    ]
     for r in res:
         assert (r["processes"], r["devices"], r["rows"]) == (2, 4, [48, 48])
     assert res[0]["equal"] == [True, True]

@@ -25,7 +25,7 @@ CONV_CASES = [
     ((2, 3), 3, 5, (2, 1), ((1, 0), (2, 1)), 1, 1),
     ((3, 3), 4, 6, 1, "SAME", 2, 1),
     ((3, 3), 4, 6, 1, "SAME", 1, 2),
-    ((3, 3), 4, 8, 2, "SAME", 1, 4),   # depthwise, channel multiplier 2
+    ((3, 3), 4, 8, 2, "SAME", 1, 4),  # depthwise, channel multiplier 2
     ((1, 1), 4, 6, 1, "VALID", 1, 1),
 ]
 
@@ -40,18 +40,25 @@ def _conv_case(rng, case, n=3, hw=(9, 8)):
 
 def _conv(x, kernel, geom):
     return jax.lax.conv_general_dilated(
-        x, kernel, geom.strides, geom.padding, geom.input_dilation, geom.kernel_dilation,
-        ("NHWC", "HWIO", "NHWC"), geom.feature_group_count,
-        precision=jax.lax.Precision.HIGHEST)
+        x,
+        kernel,
+        geom.strides,
+        geom.padding,
+        geom.input_dilation,
+        geom.kernel_dilation,
+        ("NHWC", "HWIO", "NHWC"),
+        geom.feature_group_count,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_patches_times_kernel_equal_conv(rng, case):
     x, kernel, geom = _conv_case(rng, case)
     y = _conv(x, kernel, geom)
-    rows = conv_rows(x, geom)                                   # (m, g, N)
+    rows = conv_rows(x, geom)  # (m, g, N)
     g, cout = geom.feature_group_count, kernel.shape[-1]
-    k_g = kernel.reshape(-1, g, cout // g).transpose(1, 0, 2)   # (g, N, cout/g)
+    k_g = kernel.reshape(-1, g, cout // g).transpose(1, 0, 2)  # (g, N, cout/g)
     out = jnp.einsum("mgi,gio->mgo", rows, k_g, precision="highest").reshape(-1, cout)
     np.testing.assert_allclose(out, y.reshape(-1, cout), rtol=1e-4, atol=1e-4)
 
@@ -70,15 +77,16 @@ def test_subsampled_stats_equal_stats_of_the_kept_rows(x64, rng):
     """patch_fraction < 1: the statistics are those of the seeded subset of conv_rows."""
     x = jnp.asarray(rng.normal(size=(3, 9, 9, 4)))
     xq = x + 0.1 * jnp.asarray(rng.normal(size=x.shape))
-    geom = ConvGeometry.create((3, 3, 2, 6), 2, "SAME", feature_group_count=2,
-                               input_shape=x.shape)
+    geom = ConvGeometry.create((3, 3, 2, 6), 2, "SAME", feature_group_count=2, input_shape=x.shape)
     acc = StatsAccumulator(18, geom, dtype=jnp.float64, patch_fraction=0.3, seed=7)
     got = acc.update(x, xq).result()
     m = conv_row_count(x.shape, geom)
-    idx = jax.random.choice(jax.random.fold_in(jax.random.PRNGKey(7), 0), m,
-                            (round(0.3 * m),), replace=False)
-    want = gq.accumulate(gq.init_stats(18, 2, jnp.float64), conv_rows(x, geom)[idx],
-                         conv_rows(xq, geom)[idx])
+    idx = jax.random.choice(
+        jax.random.fold_in(jax.random.PRNGKey(7), 0), m, (round(0.3 * m),), replace=False
+    )
+    want = gq.accumulate(
+        gq.init_stats(18, 2, jnp.float64), conv_rows(x, geom)[idx], conv_rows(xq, geom)[idx]
+    )
     for name in ("hess", "cross", "gram", "count"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
 
@@ -86,6 +94,7 @@ def test_subsampled_stats_equal_stats_of_the_kept_rows(x64, rng):
 def test_flax_conv_matches_geometry(rng):
     """ConvGeometry.create resolves Flax's SAME padding exactly like nn.Conv."""
     import flax.linen as nn
+
     x = jnp.asarray(rng.normal(size=(2, 10, 7, 3)), jnp.float32)
     conv = nn.Conv(5, (3, 3), strides=2, padding="SAME", kernel_dilation=1, use_bias=False)
     v = conv.init(jax.random.PRNGKey(0), x)
@@ -99,8 +108,12 @@ def test_patches_with_input_dilation(rng):
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
     geom = ConvGeometry.create(kernel.shape, 1, ((1, 1), (2, 1)), input_dilation=2)
     rows = conv_rows(x, geom)
-    np.testing.assert_allclose(rows[:, 0] @ kernel.reshape(-1, 4),
-                               _conv(x, kernel, geom).reshape(-1, 4), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        rows[:, 0] @ kernel.reshape(-1, 4),
+        _conv(x, kernel, geom).reshape(-1, 4),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert conv_row_count(x.shape, geom) == rows.shape[0]
     idx = jnp.asarray([0, 5, rows.shape[0] - 1])
     np.testing.assert_array_equal(conv_rows_at(x, geom, idx), rows[idx])
@@ -113,8 +126,8 @@ def test_conv_gpfq_data_form_equals_stats_path(x64, rng, case):
     x, kernel = x.astype(jnp.float64), kernel.astype(jnp.float64)
     xq = x + 0.05 * jnp.asarray(rng.normal(size=x.shape))
     acc = StatsAccumulator(geom.features_per_group, geom, dtype=jnp.float64)
-    for i in range(x.shape[0]):                                  # stream one image at a time
-        acc.update(x[i:i + 1], xq[i:i + 1])
+    for i in range(x.shape[0]):  # stream one image at a time
+        acc.update(x[i : i + 1], xq[i : i + 1])
     spec = gq.QuantSpec(bits=3)
     res = gq.quantize_from_stats(kernel, acc.result(), spec, block_size=5)
     rows, rows_q = conv_rows(x, geom), conv_rows(xq, geom)
@@ -124,8 +137,7 @@ def test_conv_gpfq_data_form_equals_stats_path(x64, rng, case):
     codes = np.asarray(res.codes).reshape(-1, cout)
     for i in range(g):
         cols = slice(i * cout // g, (i + 1) * cout // g)
-        ref = gq.gpfq_data_form(mat[:, cols], rows[:, i], rows_q[:, i], delta[cols],
-                                spec.alphabet)
+        ref = gq.gpfq_data_form(mat[:, cols], rows[:, i], rows_q[:, i], delta[cols], spec.alphabet)
         np.testing.assert_array_equal(codes[:, cols], np.asarray(ref))
     # And the error from the statistics equals the direct error on the patches.
     q = res.q.reshape(kernel.shape)
@@ -135,7 +147,7 @@ def test_conv_gpfq_data_form_equals_stats_path(x64, rng, case):
 
 
 def test_streaming_equals_one_shot_and_count(rng):
-    x = jnp.asarray(rng.normal(size=(7, 5, 12)), jnp.float32)    # leading batch dims flattened
+    x = jnp.asarray(rng.normal(size=(7, 5, 12)), jnp.float32)  # leading batch dims flattened
     xq = x + 0.1
     acc = StatsAccumulator(12)
     for i in range(7):
@@ -176,10 +188,10 @@ def test_patch_subsampling_is_seeded_and_keeps_pairs(rng):
     a = StatsAccumulator(27, geom, patch_fraction=0.25, seed=3).update(x).result()
     b = StatsAccumulator(27, geom, patch_fraction=0.25, seed=3).update(x).result()
     c = StatsAccumulator(27, geom, patch_fraction=0.25, seed=4).update(x).result()
-    assert int(a.count) == 64                                   # 25% of 4*8*8 patches
+    assert int(a.count) == 64  # 25% of 4*8*8 patches
     np.testing.assert_array_equal(a.hess, b.hess)
     assert not np.allclose(a.hess, c.hess)
-    np.testing.assert_array_equal(a.hess, a.cross)              # x_quant = x: same rows kept
+    np.testing.assert_array_equal(a.hess, a.cross)  # x_quant = x: same rows kept
 
 
 def test_patch_fraction_leaves_dense_rows_alone(rng):
@@ -206,7 +218,7 @@ def test_same_inputs_take_one_product(rng):
     """x_quant omitted (first layer): H = G = F from one product, equal to the general path."""
     x = jnp.asarray(rng.normal(size=(40, 9)), jnp.float32)
     one = StatsAccumulator(9).update(x).result()
-    three = StatsAccumulator(9).update(x, x + 0.0).result()     # a different array object
+    three = StatsAccumulator(9).update(x, x + 0.0).result()  # a different array object
     for a, b in zip(one[:3], three[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     np.testing.assert_array_equal(one.hess, one.gram)
@@ -218,8 +230,9 @@ def _kernel_mode_case(rng, conv: bool):
     if conv:
         x = rng.normal(size=(3, 7, 7, 4))
         kernel = rng.normal(size=(3, 3, 2, 6))
-        geom = ConvGeometry.create(kernel.shape, 2, "SAME", feature_group_count=2,
-                                   input_shape=x.shape)
+        geom = ConvGeometry.create(
+            kernel.shape, 2, "SAME", feature_group_count=2, input_shape=x.shape
+        )
         features = 18
     else:
         x = rng.normal(size=(30, 5))
@@ -239,10 +252,10 @@ def test_kernel_mode_replaces_f_by_output_norms(x64, rng, conv, fraction):
     kw = dict(dtype=jnp.float64, patch_fraction=fraction, seed=5)
     full = StatsAccumulator(n, geom, **kw)
     lean = StatsAccumulator(n, geom, kernel=kernel, **kw)
-    for part in (slice(0, 2), slice(2, None)):            # two batches
+    for part in (slice(0, 2), slice(2, None)):  # two batches
         full.update(x[part], xq[part])
         lean.update(x[part], xq[part])
-    full.update(x[:1])                                     # and a first-layer style batch
+    full.update(x[:1])  # and a first-layer style batch
     lean.update(x[:1])
     a, b = full.result(), lean.result()
     assert b.gram is None and int(a.count) == int(b.count)
@@ -250,8 +263,9 @@ def test_kernel_mode_replaces_f_by_output_norms(x64, rng, conv, fraction):
     np.testing.assert_array_equal(a.cross, b.cross)
     w = grouped_kernel(kernel, a.groups)
     ref = jnp.einsum("gin,gij,gjn->gn", w, a.gram, w)
-    drift = jnp.einsum("gin,gij,gjn->gn", w, a.gram - a.cross - jnp.swapaxes(a.cross, 1, 2)
-                       + a.hess, w)
+    drift = jnp.einsum(
+        "gin,gij,gjn->gn", w, a.gram - a.cross - jnp.swapaxes(a.cross, 1, 2) + a.hess, w
+    )
     np.testing.assert_allclose(b.out_ref, ref, rtol=1e-10)
     np.testing.assert_allclose(b.out_drift, drift, rtol=1e-8, atol=1e-8)
     q = w + 0.2 * jnp.asarray(rng.normal(size=w.shape))
@@ -279,6 +293,6 @@ def test_kernel_mode_errors(rng):
     with pytest.raises(ValueError, match="grouped kernel"):
         gq.accumulate(lean, x[:, None, :], xq[:, None, :])
     with pytest.raises(ValueError, match="output norms of this kernel"):
-        gq.quantize_from_stats(kernel[:, :3], lean)       # another kernel than accumulated
+        gq.quantize_from_stats(kernel[:, :3], lean)  # another kernel than accumulated
     with pytest.raises(ValueError, match="output norms of this kernel"):
         gq.quantize_from_stats(kernel, lean._replace(out_ref=None, out_drift=None))
