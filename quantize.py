@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 import gpfq_jax as gq
 import train  # defines train.py's flags; ours below replace them (same names)
-from gpfq_jax import data
-from gpfq_jax import experiments as ex
-from gpfq_jax import training as tr
-from gpfq_jax.models import create_model
+from experiments import data
+from experiments import runs as ex
+from experiments import training as tr
+from experiments.models import create_model
 
 REPO = Path(__file__).resolve().parent
 TRAIN_KEYS = ("test_accuracy", "val_accuracy", "epochs", "seconds", "dataset_source")

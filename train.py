@@ -8,9 +8,9 @@ Writes into ``--workdir``:
                         from the latest one when started again with the same workdir
   metrics.json          list of per-epoch dicts (train loss/accuracy, val/test accuracy, seconds)
   float/                orbax checkpoint of {"params", "batch_stats"} (see
-                        ``gpfq_jax.training.load_float_variables``)
+                        ``experiments.training.load_float_variables``)
   train_summary.json    final accuracies, config, seconds, dataset source
-Data come from ``--config.data_dir`` or ``$GPFQ_DATA_DIR`` (see ``gpfq_jax.data``).
+Data come from ``--config.data_dir`` or ``$GPFQ_DATA_DIR`` (see ``experiments.data``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
-from gpfq_jax import data
-from gpfq_jax import training as tr
-from gpfq_jax.models import create_model
+from experiments import data
+from experiments import training as tr
+from experiments.models import create_model
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)

@@ -171,7 +171,7 @@ def _problem(case: Case, seed: int):
     import jax
     import jax.numpy as jnp
 
-    from gpfq_jax.alphabets import QuantSpec, step_size
+    from gpfq_jax.core.alphabets import QuantSpec, step_size
 
     spec = QuantSpec(bits=4)
     rng = np.random.default_rng([seed, 0])
@@ -213,14 +213,14 @@ class GramPath:
         import jax
         import jax.numpy as jnp
 
-        from gpfq_jax.stats import dense_rows
+        from gpfq_jax.core.patches import dense_rows
 
         xb, xqb = self.batch(i)
         return jax.block_until_ready((dense_rows(jnp.asarray(xb)), dense_rows(jnp.asarray(xqb))))
 
     def stats_pass(self, batches: int | None = None) -> float:
         """Accumulate H, G, F over the first ``batches`` batches (default all); seconds."""
-        from gpfq_jax.stats import accumulate, init_stats
+        from gpfq_jax.core.stats import accumulate, init_stats
 
         stats, total = init_stats(self.case.n_in), 0.0
         for i in range(self.case.batches if batches is None else batches):
@@ -242,7 +242,7 @@ class GramPath:
 
     def quantize(self, block_size: int | None = None) -> float:
         """``gpfq_gram_form`` on the current statistics; seconds (codes kept in ``codes``)."""
-        from gpfq_jax.gpfq import gpfq_gram_form
+        from gpfq_jax.core.gpfq import gpfq_gram_form
 
         h, g = self.stats.hess[0], self.stats.cross[0]
         t, self.codes = timed(
@@ -259,7 +259,7 @@ def worker_data(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     """Data form: decide whether it fits; time it, then side by side with the Gram path."""
     import jax.numpy as jnp
 
-    from gpfq_jax.gpfq import gpfq_data_form
+    from gpfq_jax.core.gpfq import gpfq_data_form
 
     max_s = args.data_form_max_s
     res: dict[str, Any] = {"load_start": loadavg()}
@@ -306,8 +306,8 @@ def worker_gram(case: Case, args: argparse.Namespace, codes_path: Path) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gpfq_jax.gpfq import default_block_size
-    from gpfq_jax.layer import quantize_from_stats
+    from gpfq_jax.core.gpfq import default_block_size
+    from gpfq_jax.core.layer import quantize_from_stats
 
     res: dict[str, Any] = {"load_start": loadavg()}
     spec, w, delta, batch = _problem(case, args.seed)

@@ -354,7 +354,7 @@ def worker_resnet18(cfg: dict) -> dict:
     """ResNet-18 end to end (or a 2-stage ResNet in the smoke run)."""
     import jax.numpy as jnp
 
-    from gpfq_jax import imagenet_models as im
+    from experiments import imagenet_models as im
 
     t0 = time.perf_counter()
     if cfg["small"]:
@@ -407,7 +407,7 @@ def worker_dtype(cfg: dict) -> dict:
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
-    from gpfq_jax.stats import StatsAccumulator, output_error_sq
+    from gpfq_jax.core import StatsAccumulator, output_error_sq
 
     f = cfg["features"]
     model = _one_layer("dense", f)

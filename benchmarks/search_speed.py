@@ -26,8 +26,8 @@ import numpy as np
 from _report import write_report
 
 import gpfq_jax as gq
-from gpfq_jax.baselines import gptq_codes
-from gpfq_jax.stats import error_given_terms, error_terms
+from gpfq_jax.core.gptq import gptq_codes
+from gpfq_jax.core.output_error import error_given_terms, error_terms
 
 DEFAULT_OUT = Path("benchmarks/results/search_speed.json")
 
@@ -48,7 +48,7 @@ def search_refactoring(w, stats, spec: gq.QuantSpec):
     for mult in spec.search_grid:
         delta = gq.step_size(w, spec, spec.c * mult)
         codes = gptq_codes(w, stats.hess[0], delta, spec.alphabet)
-        q = gq.codes_to_values(codes, delta[None, :], spec.alphabet)
+        q = gq.dequantize(codes, delta[None, :], spec.alphabet.offset)
         err = error_given_terms(stats, terms, w[None], q[None])[0]
         if best_err is None:
             best_err, best_codes = err, codes

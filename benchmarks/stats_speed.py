@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from _report import write_report
 
-from gpfq_jax.stats import ConvGeometry, StatsAccumulator
+from gpfq_jax.core import ConvGeometry, StatsAccumulator
 
 DEFAULT_OUT = Path("benchmarks/results/stats_speed.json")
 

@@ -6,7 +6,7 @@ Epoch count sized for ~30 minutes on 2 CPU cores; raise --config.num_epochs for 
 
 import ml_collections
 
-from gpfq_jax.config_defaults import experiment
+from experiments.config_defaults import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

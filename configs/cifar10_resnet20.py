@@ -8,7 +8,7 @@ then resumed in the same workdir with --config.num_epochs=7 (a cosine warm resta
 
 import ml_collections
 
-from gpfq_jax.config_defaults import experiment
+from experiments.config_defaults import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@ python train.py --config=configs/default.py --workdir=workdirs/default
 
 import ml_collections
 
-from gpfq_jax.config_defaults import experiment
+from experiments.config_defaults import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

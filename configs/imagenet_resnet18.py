@@ -3,17 +3,17 @@
 Reference: SIMODS 2023 code, m = 2048: 3/4/5 bits 65.81 / 68.13 / 69.04 top-1, float 69.76.
 
 The paper's settings (``:quick`` for calib_size 256). quantize.py cannot run this config
-yet: ``gpfq_jax.data`` has no imagenet2012 loader and quantize.py does not read ``weights``.
+yet: ``experiments.data`` has no imagenet2012 loader and quantize.py does not read ``weights``.
 ImageNet-shape timing with random weights: ``python benchmarks/scale.py``. Library use:
-``gpfq_jax.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
+``experiments.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
 
 ImageNet is not available on this machine; how to provide it and weights (a Flax checkpoint
-for ``gpfq_jax.imagenet_models.ResNet18``): ``gpfq_jax.config_defaults.imagenet``.
+for ``experiments.imagenet_models.ResNet18``): ``experiments.config_defaults.imagenet``.
 """
 
 import ml_collections
 
-from gpfq_jax.config_defaults import imagenet
+from experiments.config_defaults import imagenet
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

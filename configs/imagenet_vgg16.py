@@ -3,18 +3,18 @@
 Reference: JMLR 2021 / SIMODS 2023 ImageNet experiments (configuration D, no BatchNorm).
 
 The paper's settings (``:quick`` for calib_size 256). quantize.py cannot run this config
-yet: ``gpfq_jax.data`` has no imagenet2012 loader and quantize.py does not read ``weights``.
+yet: ``experiments.data`` has no imagenet2012 loader and quantize.py does not read ``weights``.
 ImageNet-shape timing with random weights: ``python benchmarks/scale.py``. Library use:
-``gpfq_jax.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
+``experiments.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
 
 ImageNet is not available on this machine; how to provide it and weights (a Flax checkpoint
-for ``gpfq_jax.imagenet_models.VGG16``): ``gpfq_jax.config_defaults.imagenet``.
+for ``experiments.imagenet_models.VGG16``): ``experiments.config_defaults.imagenet``.
 classifier_0's rows must be permuted from torchvision's (C, H, W) flatten order to (H, W, C).
 """
 
 import ml_collections
 
-from gpfq_jax.config_defaults import imagenet
+from experiments.config_defaults import imagenet
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

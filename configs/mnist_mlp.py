@@ -5,7 +5,7 @@ python train.py --config=configs/mnist_mlp.py --workdir=workdirs/mnist_mlp
 
 import ml_collections
 
-from gpfq_jax.config_defaults import experiment
+from experiments.config_defaults import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpfq_jax as gq
-from gpfq_jax.alphabets import make_alphabet
+from gpfq_jax.core.alphabets import make_alphabet, round_to_codes
 
 BITS = st.sampled_from(["ternary", 2, 3, 4, 5, 6, 7, 8])
 GRID = st.sampled_from(["int", "int_full", "zzs", "ls"])
@@ -67,15 +67,15 @@ def test_codes_lie_on_alphabet(bits, grid, seed, scale):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=200) * scale * 4, jnp.float32)
     delta = jnp.float32(scale)
-    codes = np.asarray(gq.round_to_codes(x, delta, a))
+    codes = np.asarray(round_to_codes(x, delta, a))
     assert np.all(codes == np.round(codes))
     assert codes.min() >= a.kmin and codes.max() <= a.kmax
-    vals = np.asarray(gq.codes_to_values(codes, delta, a))
+    vals = np.asarray(gq.dequantize(codes, delta, a.offset))
     levels = a.values(float(delta))
     # nearest level: no level is closer than the chosen one
     best = np.abs(np.asarray(x)[:, None] - levels[None]).min(1)
     np.testing.assert_allclose(np.abs(np.asarray(x) - vals), best, rtol=1e-5, atol=1e-6 * scale)
-    sto = gq.round_to_codes(x, delta, a, jax.random.uniform(jax.random.PRNGKey(seed), x.shape))
+    sto = round_to_codes(x, delta, a, jax.random.uniform(jax.random.PRNGKey(seed), x.shape))
     assert np.all(np.isin(np.asarray(sto), np.arange(a.kmin, a.kmax + 1)))
 
 

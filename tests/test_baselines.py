@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gpfq_jax as gq
-from gpfq_jax.alphabets import make_alphabet
+from gpfq_jax.core.alphabets import make_alphabet
 
 
 def numpy_gptq(w, h, delta, alphabet, damp=0.01, act_order=False):

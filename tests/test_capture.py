@@ -1,4 +1,4 @@
-"""Tests for gpfq_jax.capture: layer discovery and input capture (Linen and NNX)."""
+"""Tests for gpfq_jax.flax.capture: layer discovery and input capture (Linen and NNX)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from gpfq_jax.capture import (
-    LayerInfo,
-    discover_layers,
-    get_kernel,
-    make_input_capturer,
-    set_kernel,
-)
+from gpfq_jax.flax.capture import get_kernel, make_input_capturer, set_kernel
+from gpfq_jax.flax.tracing import LayerInfo, discover_layers
 
 TRACES = {"n": 0}
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -26,10 +21,10 @@ def conv_ref(x, kernel, info: LayerInfo, bias=None):
     y = jax.lax.conv_general_dilated(
         x,
         kernel,
-        info.strides,
-        info.padding,
-        lhs_dilation=info.input_dilation,
-        rhs_dilation=info.kernel_dilation,
+        info.geometry.strides,
+        info.geometry.padding,
+        lhs_dilation=info.geometry.input_dilation,
+        rhs_dilation=info.geometry.kernel_dilation,
         dimension_numbers=NHWC,
         feature_group_count=info.feature_group_count,
     )
@@ -102,7 +97,7 @@ def test_mlp_discovery_and_capture_by_hand():
     assert [lay.kernel_shape for lay in layers] == [(5, 8), (8, 6), (6, 3)]
     assert layers[1].input_shape == (4, 8) and layers[1].has_bias
     assert layers[1].name == "Dense_1" and layers[1].call_index == 1
-    assert layers[0].strides is None and layers[0].padding is None
+    assert layers[0].geometry is None
 
     p = v["params"]
     f = make_input_capturer(model, v, layers[1])
@@ -145,8 +140,12 @@ def test_cnn_with_batchnorm_eval_mode():
         ("Dense_0", "dense"),
     ]
     c0, c1 = layers[0], layers[1]
-    assert c0.kernel_shape == (3, 3, 3, 4) and c0.padding == ((1, 1), (1, 1))
-    assert c1.strides == (2, 2) and c1.padding == ((0, 1), (0, 1)) and not c1.has_bias
+    assert c0.kernel_shape == (3, 3, 3, 4) and c0.geometry.padding == ((1, 1), (1, 1))
+    assert (
+        c1.geometry.strides == (2, 2)
+        and c1.geometry.padding == ((0, 1), (0, 1))
+        and not c1.has_bias
+    )
     assert c1.input_shape == (2, 8, 8, 4)
 
     p, bn = v["params"], v["batch_stats"]["BatchNorm_0"]
@@ -162,7 +161,7 @@ def test_residual_call_order_and_skip_input():
     v = init(model, x)
     layers = discover_layers(model, v, x)
     assert [lay.name for lay in layers] == ["proj", "conv1", "conv2"]
-    assert layers[0].kernel_shape == (1, 1, 3, 4) and layers[0].padding == ((0, 0), (0, 0))
+    assert layers[0].kernel_shape == (1, 1, 3, 4) and layers[0].geometry.padding == ((0, 0), (0, 0))
     p = v["params"]
     got_proj = make_input_capturer(model, v, layers[0])(v, x)
     np.testing.assert_allclose(got_proj, x)
@@ -177,12 +176,17 @@ def test_conv_geometry_reproduces_each_layer():
     layers = discover_layers(model, v, x)
     by = {lay.name: lay for lay in layers}
     assert [lay.name for lay in layers] == ["strided", "depthwise", "dilated", "explicit", "valid"]
-    assert by["strided"].padding == ((1, 1), (1, 1)) and by["strided"].strides == (2, 2)
+    assert by["strided"].geometry.padding == ((1, 1), (1, 1)) and by[
+        "strided"
+    ].geometry.strides == (2, 2)
     assert by["depthwise"].feature_group_count == 6
     assert by["depthwise"].kernel_shape == (3, 3, 1, 6)
-    assert by["dilated"].kernel_dilation == (2, 2) and by["dilated"].padding == ((2, 2), (2, 2))
-    assert by["explicit"].padding == ((1, 0), (0, 1))
-    assert by["valid"].padding == ((0, 0), (0, 0))
+    assert by["dilated"].geometry.kernel_dilation == (2, 2) and by["dilated"].geometry.padding == (
+        (2, 2),
+        (2, 2),
+    )
+    assert by["explicit"].geometry.padding == ((1, 0), (0, 1))
+    assert by["valid"].geometry.padding == ((0, 0), (0, 0))
 
     ins = [make_input_capturer(model, v, lay)(v, x) for lay in layers]
     outs = ins[1:] + [model.apply(v, x)]
@@ -336,8 +340,8 @@ def test_nnx_residual_with_batchnorm():
     assert [lay.name for lay in layers] == ["conv1", "conv2", "proj", "head"]
     assert [lay.kind for lay in layers] == ["conv", "conv", "conv", "dense"]
     conv1, conv2, proj = layers[:3]
-    assert conv2.strides == (2, 2) and conv2.padding == ((0, 1), (0, 1))
-    assert proj.padding == ((0, 0), (0, 0)) and not proj.has_bias
+    assert conv2.geometry.strides == (2, 2) and conv2.geometry.padding == ((0, 1), (0, 1))
+    assert proj.geometry.padding == ((0, 0), (0, 0)) and not proj.has_bias
 
     h = conv_ref(x, model.conv1.kernel[...], conv1, model.conv1.bias[...])
     h = (h - 0.2) / jnp.sqrt(1.5 + 1e-5) * model.bn.scale[...] + model.bn.bias[...]

@@ -1,4 +1,4 @@
-"""Tests for gpfq_jax.data on the real offline datasets (never the network)."""
+"""Tests for experiments.data on the real offline datasets (never the network)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpfq_jax import data
+from experiments import data
 
 DATA_DIR = Path(
     os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data"

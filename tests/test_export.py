@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import gpfq_jax as gq
-from gpfq_jax import export
+from gpfq_jax.flax import checkpoints as export
 
 
 class Net(nn.Module):
@@ -93,7 +93,7 @@ def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_p
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_write_metadata", boom)  # arrays written, then failure
+    monkeypatch.setattr(export, "write_text_atomic", boom)  # arrays written, then failure
     with pytest.raises(RuntimeError, match="disk full"):
         gq.save_quantized(target, res, overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):

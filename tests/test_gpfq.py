@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpfq_jax as gq
-from gpfq_jax.alphabets import make_alphabet
-from gpfq_jax.gpfq import threshold
+from gpfq_jax.core.alphabets import make_alphabet, round_to_codes
+from gpfq_jax.core.gpfq import threshold
 
 
 def _problem(rng, m, n, n_out, noise=0.1, dtype=np.float64):
@@ -118,7 +118,7 @@ def test_stochastic_rounding_agrees_and_is_unbiased(x64, rng):
     )
     # Unbiased: averaging stochastic rounding of a fixed value over many draws recovers it.
     v = jnp.full((20000,), 0.3)
-    draws = gq.round_to_codes(v, 1.0, alphabet, jax.random.uniform(jax.random.PRNGKey(1), v.shape))
+    draws = round_to_codes(v, 1.0, alphabet, jax.random.uniform(jax.random.PRNGKey(1), v.shape))
     assert abs(float(draws.mean()) - 0.3) < 0.02
 
 

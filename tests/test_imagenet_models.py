@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpfq_jax import imagenet_models as im
-from gpfq_jax.capture import discover_layers
-from gpfq_jax.models import create_model
+from experiments import imagenet_models as im
+from experiments.models import create_model
+from gpfq_jax.flax.tracing import discover_layers
 
 # torchvision: sum(p.numel() for p in resnet18/resnet50/vgg16().parameters())
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "vgg16": 138_357_544}

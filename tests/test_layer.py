@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gpfq_jax as gq
+from gpfq_jax.core import init_stats
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_bad_input_errors(layer):
     with pytest.raises(ValueError, match="unknown method"):
         gq.quantize_layer(w, x, method="awq")
     with pytest.raises(ValueError, match="empty statistics"):
-        gq.quantize_from_stats(w, gq.init_stats(24))
+        gq.quantize_from_stats(w, init_stats(24))
     with pytest.raises(ValueError, match="does not match statistics"):
         gq.quantize_from_stats(w[:20], gq.stats_from_data(x))
 
@@ -90,7 +91,7 @@ def test_channelwise_search_equals_brute_force(layer, x64, method):
             codes = gq.gptq_codes(w, h, delta, spec.alphabet)
         else:
             codes = gq.gpfq_data_form(w, x, x, delta, spec.alphabet)
-        q = gq.codes_to_values(codes, delta[None, :], spec.alphabet)
+        q = gq.dequantize(codes, delta[None, :], spec.alphabet.offset)
         err = jnp.sum((x @ w - x @ q) ** 2, 0)
         if best_err is None:
             best_err, best_q = err, q

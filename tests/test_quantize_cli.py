@@ -1,4 +1,4 @@
-"""quantize.py end to end (real MNIST, tiny settings), the width sweep, and gpfq_jax.experiments."""
+"""quantize.py end to end (real MNIST, tiny settings), the width sweep, and experiments.runs."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pytest
 from ml_collections import ConfigDict
 
 import gpfq_jax as gq
-from gpfq_jax import data
-from gpfq_jax import experiments as ex
-from gpfq_jax import training as tr
-from gpfq_jax.models import create_model
+from experiments import data
+from experiments import runs as ex
+from experiments import training as tr
+from experiments.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(

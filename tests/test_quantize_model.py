@@ -19,10 +19,11 @@ import pytest
 from flax import nnx
 
 import gpfq_jax as gq
-from gpfq_jax.bn_fold import fold_linen, fold_nnx
-from gpfq_jax.calls import trace_bn_follows
-from gpfq_jax.quantize_model import dequantize
-from gpfq_jax.stats import ConvGeometry, accumulate, conv_rows, init_stats
+from gpfq_jax.core import ConvGeometry, accumulate, conv_rows, init_stats
+from gpfq_jax.core.alphabets import dequantize
+from gpfq_jax.flax.bn_fold import fold_linen, fold_nnx
+from gpfq_jax.flax.rules import plan_layers
+from gpfq_jax.flax.tracing import trace_model
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SPEC = gq.QuantSpec(bits=3)
@@ -245,7 +246,7 @@ def test_rules_skip_and_respec_only_their_layers():
 
 def test_rule_forms_and_first_match_wins():
     names = ["a/conv", "a/dense", "b/dense"]
-    plans = gq.rules.plan_layers(
+    plans = plan_layers(
         names, [{"pattern": "dense", "bits": 8}, gq.Rule("b/", skip=True)], SPEC, "gpfq"
     )
     assert [(p.skip, p.spec.bits) for p in plans] == [(False, 3), (False, 8), (False, 8)]
@@ -299,7 +300,7 @@ def _convbn_variables(x):
 def test_bn_folding_keeps_float_outputs():
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 3))
     model, v = _convbn_variables(x)
-    pairs = trace_bn_follows(model, v, x, {"train": False})
+    pairs = trace_model(model, v, x, train=False).bn_follows
     assert [(p.path, p.bn_path, p.foldable) for p in pairs] == [
         (("conv0",), ("bn0",), True),
         (("conv1",), ("bn1",), True),
@@ -314,7 +315,7 @@ def test_bn_folding_keeps_float_outputs():
     np.testing.assert_array_equal(folded["params"]["bn0"]["scale"], jnp.ones(4))
     assert "bias" not in folded["params"]["conv1"]  # no bias created: the BN keeps the shift
     # a train-mode BN is not foldable
-    pairs_train = trace_bn_follows(model, v, x, {"train": True, "mutable": ["batch_stats"]})
+    pairs_train = trace_model(model, v, x, train=True, mutable=["batch_stats"]).bn_follows
     assert not any(p.foldable for p in pairs_train)
     # through the driver: folded pairs reported, quantized model still drop-in
     res = run(model, v, x, spec=gq.QuantSpec(bits=8), method="rtn", fold_batchnorm=True)
@@ -339,7 +340,7 @@ def test_bn_folding_nnx_keeps_outputs_and_user_model():
     net.bn.scale.set_value(1 + jax.random.normal(jax.random.PRNGKey(3), (4,)))
     net.eval()
     x = jax.random.normal(jax.random.PRNGKey(4), (5, 6, 6, 3))
-    pairs = trace_bn_follows(net, None, x, {})
+    pairs = trace_model(net, None, x).bn_follows
     assert [(p.path, p.bn_path) for p in pairs] == [(("conv",), ("bn",))]
     copy = nnx.clone(net)
     fold_nnx(copy, pairs)

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 import gpfq_jax as gq
-from gpfq_jax.stats import (
+from gpfq_jax.core import (
     ConvGeometry,
     StatsAccumulator,
+    accumulate,
     conv_row_count,
     conv_rows,
     conv_rows_at,
     grouped_kernel,
+    init_stats,
     output_error_sq,
 )
 
@@ -84,10 +86,10 @@ def test_subsampled_stats_equal_stats_of_the_kept_rows(x64, rng):
     idx = jax.random.choice(
         jax.random.fold_in(jax.random.PRNGKey(7), 0), m, (round(0.3 * m),), replace=False
     )
-    want = gq.accumulate(
-        gq.init_stats(18, 2, jnp.float64), conv_rows(x, geom)[idx], conv_rows(xq, geom)[idx]
+    want = accumulate(
+        init_stats(18, 2, jnp.float64), conv_rows(x, geom)[idx], conv_rows(xq, geom)[idx]
     )
-    for name in ("hess", "cross", "gram", "count"):
+    for name in ("hess", "cross", "xtx", "count"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
 
 
@@ -221,7 +223,7 @@ def test_same_inputs_take_one_product(rng):
     three = StatsAccumulator(9).update(x, x + 0.0).result()  # a different array object
     for a, b in zip(one[:3], three[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    np.testing.assert_array_equal(one.hess, one.gram)
+    np.testing.assert_array_equal(one.hess, one.xtx)
     assert int(one.count) == int(three.count) == 40
 
 
@@ -258,13 +260,13 @@ def test_kernel_mode_replaces_f_by_output_norms(x64, rng, conv, fraction):
     full.update(x[:1])  # and a first-layer style batch
     lean.update(x[:1])
     a, b = full.result(), lean.result()
-    assert b.gram is None and int(a.count) == int(b.count)
+    assert b.xtx is None and int(a.count) == int(b.count)
     np.testing.assert_array_equal(a.hess, b.hess)
     np.testing.assert_array_equal(a.cross, b.cross)
     w = grouped_kernel(kernel, a.groups)
-    ref = jnp.einsum("gin,gij,gjn->gn", w, a.gram, w)
+    ref = jnp.einsum("gin,gij,gjn->gn", w, a.xtx, w)
     drift = jnp.einsum(
-        "gin,gij,gjn->gn", w, a.gram - a.cross - jnp.swapaxes(a.cross, 1, 2) + a.hess, w
+        "gin,gij,gjn->gn", w, a.xtx - a.cross - jnp.swapaxes(a.cross, 1, 2) + a.hess, w
     )
     np.testing.assert_allclose(b.out_ref, ref, rtol=1e-10)
     np.testing.assert_allclose(b.out_drift, drift, rtol=1e-8, atol=1e-8)
@@ -291,7 +293,7 @@ def test_kernel_mode_errors(rng):
         StatsAccumulator(n + 1, kernel=kernel)
     lean = StatsAccumulator(n, kernel=kernel).update(x.astype(jnp.float32)).result()
     with pytest.raises(ValueError, match="grouped kernel"):
-        gq.accumulate(lean, x[:, None, :], xq[:, None, :])
+        accumulate(lean, x[:, None, :], xq[:, None, :])
     with pytest.raises(ValueError, match="output norms of this kernel"):
         gq.quantize_from_stats(kernel[:, :3], lean)  # another kernel than accumulated
     with pytest.raises(ValueError, match="output norms of this kernel"):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpfq_jax import training as tr
-from gpfq_jax.models import create_model, max_pool_2x2
+from experiments import training as tr
+from experiments.models import create_model, max_pool_2x2
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPFQ_DATA_DIR") or REPO.parent / "shared" / "data")

@@ -1,6 +1,6 @@
 """The GPFQ recurrence: the data-form reference and the blocked Gram-form fast path.
 
-Notation (DESIGN.md sec. 1): weights ``w`` (N, N_out) in Flax layout (column j = neuron j),
+Notation (docs/ALGORITHM.md): weights ``w`` (N, N_out) in Flax layout (column j = neuron j),
 float-model inputs ``x`` (m, N), partially-quantized-model inputs ``x_quant`` (m, N).
 For every neuron, for t = 1..N:
 
@@ -21,9 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gpfq_jax.alphabets import Alphabet, codes_to_values, round_to_codes
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from gpfq_jax.core.alphabets import Alphabet, dequantize, round_to_codes
+from gpfq_jax.core.numerics import HIGHEST, safe_ratio
 
 
 def threshold(num: jax.Array, sparsity: str | None, lam: float | jax.Array) -> jax.Array:
@@ -35,12 +34,6 @@ def threshold(num: jax.Array, sparsity: str | None, lam: float | jax.Array) -> j
     if sparsity == "l0":
         return jnp.where(jnp.abs(num) > lam, num, 0.0)
     raise ValueError(f"unknown sparsity {sparsity!r}; expected None, 'l1' or 'l0'")
-
-
-def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    """num / den, and 0 where den == 0 (a zero input column)."""
-    pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den, 1.0), 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "sparsity"))
@@ -72,8 +65,8 @@ def gpfq_data_form(
             w_t, x_t, xq_t, n_t, r_t = inp
             v = u + w_t * x_t
             num = threshold(jnp.dot(xq_t, v, precision=HIGHEST), sparsity, lam)
-            k = round_to_codes(_safe_ratio(num, n_t), d, alphabet, r_t if stochastic else None)
-            return v - codes_to_values(k, d, alphabet) * xq_t, k
+            k = round_to_codes(safe_ratio(num, n_t), d, alphabet, r_t if stochastic else None)
+            return v - dequantize(k, d, alphabet.offset) * xq_t, k
 
         _, codes = jax.lax.scan(
             step, jnp.zeros(x.shape[0], x.dtype), (w_col, xt, xqt, norms, r_col)
@@ -87,8 +80,8 @@ def default_block_size(n: int) -> int:
     """One block up to 512 features; above, about 16 blocks of a multiple of 64, at least 256.
 
     Each block is unrolled at trace time (compile time grows with their number) while the
-    work inside a block is a memory-bound scan; measured on 2 CPU cores (benchmarks/
-    layer_speed.py), 256-512 columns per block is fastest for N = 4096.
+    work inside a block is a memory-bound scan, so a few hundred columns per block balance
+    the two (``benchmarks/layer_speed.py`` measures block sizes).
     """
     if n <= 512:
         return max(1, n)
@@ -141,8 +134,8 @@ def gpfq_gram_form(
             i, pre_i, h_row, d_i, r_i = inp
             num = pre_i - jnp.dot(h_row, q_blk, precision=HIGHEST)  # q_blk rows >= i are 0
             num = threshold(num, sparsity, lam)
-            k = round_to_codes(_safe_ratio(num, d_i), delta, alphabet, r_i if stochastic else None)
-            return q_blk.at[i].set(codes_to_values(k, delta, alphabet)), k
+            k = round_to_codes(safe_ratio(num, d_i), delta, alphabet, r_i if stochastic else None)
+            return q_blk.at[i].set(dequantize(k, delta, alphabet.offset)), k
 
         q_blk, k_blk = jax.lax.scan(
             step, jnp.zeros_like(w_blk), (jnp.arange(e - s), pre, h_bb, diag[s:e], rand)

@@ -16,7 +16,7 @@ ResNets accept any input size >= 32 (global average pool); VGG-16 applies torchv
 adaptive average pool to 7x7 (exact for 224 inputs, where it is the identity).
 
 Importing this module registers "resnet18", "resnet50" and "vgg16" in
-``gpfq_jax.models.MODELS``, so ``gpfq_jax.models.create_model`` finds them afterwards.
+``experiments.models.MODELS``, so ``experiments.models.create_model`` finds them afterwards.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax import models as _models
+from experiments import models as _models
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -363,7 +363,7 @@ def init_variables(
     return {"params": params, "batch_stats": stats}
 
 
-# Register in the shared model registry so gpfq_jax.models.create_model("resnet18") works
+# Register in the shared model registry so experiments.models.create_model("resnet18") works
 # once this module is imported (models.py itself stays independent of this module).
 for _name, _ctor in IMAGENET_MODELS.items():
     _models.MODELS.setdefault(_name, _ctor)

@@ -7,8 +7,8 @@ Layout of a checkpoint directory ``path``::
     path/gpfq_quantized.json     metadata: leaf paths, dtypes, layers (spec, offset, ...)
 
 Codes are stored in the smallest signed integer dtype holding the alphabet
-(``smallest_int_dtype``: int4 for up to 16 levels, else int8/int16); orbax saves jnp.int4 on
-CPU (tensorstore zarr with zstd, so on disk a code costs about its entropy). Leaves of the
+(``int_dtype(alphabet, storage=True)``: int4 for up to 16 levels, else int8/int16); orbax
+saves jnp.int4 on CPU (tensorstore zarr with zstd, so on disk a code costs about its entropy). Leaves of the
 variables tree are addressed by their key path (str and int keys kept as such in JSON); typed
 PRNG keys (NNX ``Rngs``) are stored as key data plus their implementation name.
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from flax.core import FrozenDict, unfreeze
 
-from gpfq_jax.alphabets import QuantSpec, smallest_int_dtype
-from gpfq_jax.quantize_model import QuantizeResult, dequantize
+from gpfq_jax.atomic import atomic_path, write_text_atomic
+from gpfq_jax.core.alphabets import dequantize, int_dtype
+from gpfq_jax.flax.results import QuantizeResult
 
 FORMAT = "gpfq_jax.quantized/1"
 META = "gpfq_quantized.json"
@@ -78,20 +77,6 @@ def _kernel_path(res_framework: str, layer_path: tuple) -> tuple:
     )
 
 
-def _spec_dict(spec: QuantSpec) -> dict:
-    return {
-        "bits": spec.bits,
-        "grid": spec.grid,
-        "scale": spec.scale,
-        "c": spec.c,
-        "per_channel": spec.per_channel,
-        "rounding": spec.rounding,
-        "sparsity": spec.sparsity,
-        "lam": spec.lam,
-        "search_grid": list(spec.search_grid),
-    }
-
-
 def _is_key(a: Any) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 
@@ -122,7 +107,7 @@ def save_quantized(
         floats[str(len(floats))] = jnp.asarray(leaf)
         leaves.append(entry)
     for i, (p, r) in enumerate(kernels.items()):
-        code_dtype = smallest_int_dtype(r.spec.alphabet)
+        code_dtype = int_dtype(r.spec.alphabet, storage=True)
         codes[str(i)] = jnp.asarray(r.codes).astype(code_dtype)
         scales[str(i)] = jnp.asarray(r.scale)
         layers.append(
@@ -134,7 +119,7 @@ def save_quantized(
                 "dtype": jnp.dtype(r.scale.dtype).name,
                 "code_dtype": code_dtype.name,
                 "offset": float(r.offset),
-                "spec": _spec_dict(r.spec),
+                "spec": r.spec.to_dict(),
                 "method": r.method,
                 "levels": r.levels,
                 "storage_bits": r.storage_bits,
@@ -151,15 +136,9 @@ def save_quantized(
         "folded": [list(f) for f in res.folded],
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(path, directory=True) as tmp:
         _write_arrays(tmp / ARRAYS, {"codes": codes, "scales": scales, "float": floats})
-        _write_metadata(tmp / META, meta)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_text_atomic(tmp / META, json.dumps(meta, indent=1))
     return path
 
 
@@ -175,28 +154,6 @@ def _restore(path: Path) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sharding info not provided")
         return ocp.PyTreeCheckpointer().restore(path)
-
-
-def _write_metadata(path: Path, meta: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Rename the finished ``tmp`` to ``path``; an existing ``path`` is replaced only now."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

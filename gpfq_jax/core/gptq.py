@@ -1,4 +1,4 @@
-"""Baselines on the same alphabets and statistics: round-to-nearest (RTN) and GPTQ.
+"""GPTQ on the same alphabets and statistics as GPFQ.
 
 GPTQ follows Frantar et al. 2022 (and their reference code): H = X~^T X~ with dead inputs
 (H_ii = 0) given H_ii = 1 and weight 0, damping ``damp * mean(diag H)``, optional act-order
@@ -15,17 +15,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gpfq_jax.alphabets import Alphabet, codes_to_values, round_to_codes
-from gpfq_jax.gpfq import default_block_size
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def rtn_codes(
-    w: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
-) -> jax.Array:
-    """Round each weight to the nearest level (stochastically with ``uniform``): (N, N_out)."""
-    return round_to_codes(w, delta, alphabet, uniform)
+from gpfq_jax.core.alphabets import Alphabet, dequantize, round_to_codes
+from gpfq_jax.core.gpfq import default_block_size
+from gpfq_jax.core.numerics import HIGHEST
 
 
 def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
@@ -85,7 +77,7 @@ def gptq_codes_from_factor(
             i, u_row = inp
             w_i = w_blk[i]
             k = round_to_codes(w_i, delta, alphabet)
-            err = (w_i - codes_to_values(k, delta, alphabet)) / u_bb[i, i]
+            err = (w_i - dequantize(k, delta, alphabet.offset)) / u_bb[i, i]
             # U is upper triangular: u_row[j] = 0 for j < i, so earlier rows stay as they were.
             return w_blk - u_row[:, None] * err[None, :], (k, err)
 
@@ -117,7 +109,6 @@ def gptq_codes(
 
 
 __all__ = [
-    "rtn_codes",
     "gptq_codes",
     "gptq_factor",
     "gptq_codes_from_factor",

@@ -99,9 +99,9 @@ def imagenet(
     checkpoint of ``{"params", "batch_stats"}``; a user converts their own (e.g. from
     torchvision: module names follow torchvision's state-dict keys, conv kernels go
     OIHW -> HWIO, dense kernels are transposed). ``weights=None`` means random weights from
-    ``gpfq_jax.imagenet_models.init_variables`` and ``synthetic_images`` inputs: for timing
-    and memory only. Import ``gpfq_jax.imagenet_models`` before
-    ``gpfq_jax.models.create_model`` (it registers the names on import). Training fields
+    ``experiments.imagenet_models.init_variables`` and ``synthetic_images`` inputs: for timing
+    and memory only. Import ``experiments.imagenet_models`` before
+    ``experiments.models.create_model`` (it registers the names on import). Training fields
     mirror the other configs (torchvision's recipe); training on ImageNet is not intended here.
     """
     if variant not in ("", "quick"):

@@ -13,8 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gpfq_jax.alphabets import QuantSpec, as_spec
-from gpfq_jax.layer import METHODS
+from gpfq_jax.core.alphabets import QuantSpec, as_spec
+from gpfq_jax.core.layer import METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,6 @@ class LayerPlan:
     skip: bool
     spec: QuantSpec
     method: str
-    rule: Rule | None = None
 
 
 def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
@@ -111,7 +110,7 @@ def plan_layers(
             plans.append(LayerPlan(n, False, base, method))
         else:
             s, m = rule.apply(base, method)
-            plans.append(LayerPlan(n, rule.skip, s, m, rule))
+            plans.append(LayerPlan(n, rule.skip, s, m))
     return plans
 
 

@@ -20,11 +20,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import FrozenDict
 
-from gpfq_jax.calls import BNFollow
-
-Path = tuple[Any, ...]
+from gpfq_jax.flax.paths import get_in, module_at, replace_in
+from gpfq_jax.flax.tracing import BNFollow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,24 +91,6 @@ def fold_arrays(kernel, bias, gamma, beta, mean, var, epsilon: float) -> Folded:
 # --------------------------------------------------------------------------- Linen
 
 
-def get_in(tree: Any, path: Path) -> Any:
-    """``tree[path[0]][path[1]]...`` or None if a key is missing."""
-    node = tree
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def replace_in(tree: Mapping, path: Path, value: Any) -> Mapping:
-    """Functional nested-mapping update keeping the container type (dict / FrozenDict)."""
-    key, rest = path[0], path[1:]
-    child = value if not rest else replace_in(tree[key], rest, value)
-    items = {**tree, key: child}
-    return FrozenDict(items) if isinstance(tree, FrozenDict) else items
-
-
 def fold_linen(variables: Mapping, pairs: Sequence[BNFollow]) -> Mapping:
     """Linen variables with every foldable pair folded (a new tree; the input is untouched)."""
     out = variables
@@ -141,14 +121,6 @@ def fold_linen(variables: Mapping, pairs: Sequence[BNFollow]) -> Mapping:
 
 
 # --------------------------------------------------------------------------- NNX
-
-
-def module_at(model: Any, path: Path) -> Any:
-    """The NNX submodule at an attribute path (str keys: attributes, int keys: items)."""
-    node = model
-    for key in path:
-        node = getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
-    return node
 
 
 def _value(var: Any) -> Any:
@@ -186,7 +158,4 @@ __all__ = [
     "fold_arrays",
     "fold_linen",
     "fold_nnx",
-    "module_at",
-    "get_in",
-    "replace_in",
 ]

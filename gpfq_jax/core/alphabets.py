@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,12 @@ class QuantSpec:
         object.__setattr__(self, "search_grid", tuple(float(g) for g in self.search_grid))
         if not self.search_grid or min(self.search_grid) <= 0:
             raise ValueError("search_grid must be a non-empty sequence of positive multipliers")
+
+    def to_dict(self) -> dict:
+        """The fields as given (JSON-friendly); ``QuantSpec(**spec.to_dict()) == spec``."""
+        out = dataclasses.asdict(self)
+        out["search_grid"] = list(self.search_grid)
+        return out
 
     @property
     def alphabet(self) -> Alphabet:
@@ -204,21 +211,38 @@ def round_to_codes(
     return jnp.clip(k, alphabet.kmin, alphabet.kmax)
 
 
-def codes_to_values(codes: jax.Array, delta: jax.Array, alphabet: Alphabet) -> jax.Array:
-    """Dequantize: ``delta * (codes + offset)``."""
-    return delta * (codes + alphabet.offset)
+def dequantize(
+    codes: jax.Array, step: jax.Array, offset: float = 0.0, dtype: Any = None
+) -> jax.Array:
+    """The values of integer ``codes``: ``step * (codes + offset)``.
+
+    The one dequantization formula of the package (the Gram form, GPTQ, the layer result,
+    ``quantize_params``' variables and ``load_quantized`` all call it, so they agree bit for
+    bit). ``step`` broadcasts against ``codes`` (per-channel steps on the last axis).
+    ``dtype``: compute and return in this dtype (default: ``step``'s).
+    """
+    if dtype is None:
+        return step * (codes + offset)
+    dtype = jnp.dtype(dtype)
+    return jnp.asarray(step, dtype) * (
+        jnp.asarray(codes).astype(dtype) + jnp.asarray(offset, dtype)
+    )
 
 
 def quantize_values(
     x: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
 ) -> jax.Array:
     """``Q_A(x)``: the nearest (or stochastically rounded) level."""
-    return codes_to_values(round_to_codes(x, delta, alphabet, uniform), delta, alphabet)
+    return dequantize(round_to_codes(x, delta, alphabet, uniform), delta, alphabet.offset)
 
 
-def smallest_int_dtype(alphabet: Alphabet) -> np.dtype:
-    """The smallest signed integer dtype holding every code (int4 is storage-only on CPU)."""
-    if alphabet.kmin >= -8 and alphabet.kmax <= 7:
+def int_dtype(alphabet: Alphabet, *, storage: bool = False) -> np.dtype:
+    """The smallest signed integer dtype holding every code of ``alphabet``.
+
+    ``storage=True`` allows int4 (up to 16 levels in [-8, 7]; checkpoints store it, XLA on CPU
+    does not compute with it); otherwise int8, or int16 when the codes need it.
+    """
+    if storage and alphabet.kmin >= -8 and alphabet.kmax <= 7:
         return jnp.dtype(jnp.int4)
     if alphabet.kmin >= -128 and alphabet.kmax <= 127:
         return np.dtype(np.int8)
@@ -226,20 +250,12 @@ def smallest_int_dtype(alphabet: Alphabet) -> np.dtype:
 
 
 def describe(spec: QuantSpec) -> dict:
-    """A JSON-friendly summary: grid, bits, levels and storage bits."""
+    """A JSON-friendly summary: the spec's fields with defaults resolved, levels, storage bits."""
     a = spec.alphabet
-    return {
-        "bits": spec.bits,
-        "grid": spec.grid,
-        "scale": spec.scale or spec.step_rule,
-        "c": spec.c,
-        "per_channel": spec.channelwise,
-        "levels": a.levels,
-        "storage_bits": a.storage_bits,
-        "rounding": spec.rounding,
-        "sparsity": spec.sparsity,
-        "lam": spec.lam,
-    }
+    out = spec.to_dict()
+    del out["search_grid"]
+    out.update(scale=spec.scale or spec.step_rule, per_channel=spec.channelwise)
+    return {**out, "levels": a.levels, "storage_bits": a.storage_bits}
 
 
 def as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
@@ -260,9 +276,9 @@ __all__: Sequence[str] = (
     "base_scale",
     "step_size",
     "round_to_codes",
-    "codes_to_values",
+    "dequantize",
     "quantize_values",
-    "smallest_int_dtype",
+    "int_dtype",
     "describe",
     "as_spec",
     "GRIDS",

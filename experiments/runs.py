@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.alphabets import QuantSpec, describe, make_alphabet
-from gpfq_jax.layer import quantize_from_stats
-from gpfq_jax.quantize_model import QuantizeResult, quantize_params
-from gpfq_jax.stats import stats_from_data
-from gpfq_jax.training import write_text_atomic
+from experiments.training import write_text_atomic
+from gpfq_jax.core.alphabets import QuantSpec, describe, make_alphabet
+from gpfq_jax.core.layer import quantize_from_stats
+from gpfq_jax.core.stats import stats_from_data
+from gpfq_jax.flax.driver import quantize_params
+from gpfq_jax.flax.results import QuantizeResult
 
 Bits = int | str
 TERNARY_X = math.log2(3)  # where "ternary" sits on a bits axis

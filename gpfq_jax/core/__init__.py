@@ -1,0 +1,78 @@
+"""The algorithm core: pure functions on arrays, no Flax.
+
+alphabets (grids, steps, rounding, dequantization), gpfq (the recurrence: data form and
+blocked Gram form), gptq and rtn (the baselines), patches (conv geometry, patch rows, kernel
+grouping), stats (streaming H, G, F), output_error (the error identity), layer (one-layer
+quantization with the step search), sharding (placing a layer on several devices).
+"""
+
+from gpfq_jax.core.alphabets import (
+    Alphabet,
+    QuantSpec,
+    dequantize,
+    int_dtype,
+    make_alphabet,
+    quantize_values,
+    round_to_codes,
+    step_size,
+)
+from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
+from gpfq_jax.core.gptq import GptqFactor, gptq_codes, gptq_codes_from_factor, gptq_factor
+from gpfq_jax.core.layer import METHODS, LayerResult, quantize_from_stats, quantize_layer
+from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms, output_error_sq
+from gpfq_jax.core.patches import (
+    ConvGeometry,
+    conv_row_count,
+    conv_rows,
+    conv_rows_at,
+    dense_rows,
+    grouped_kernel,
+    ungrouped_kernel,
+)
+from gpfq_jax.core.rtn import rtn_codes
+from gpfq_jax.core.stats import (
+    LayerStats,
+    StatsAccumulator,
+    accumulate,
+    init_stats,
+    stats_from_data,
+)
+
+__all__ = [
+    "Alphabet",
+    "ConvGeometry",
+    "ErrorTerms",
+    "GptqFactor",
+    "LayerResult",
+    "LayerStats",
+    "METHODS",
+    "QuantSpec",
+    "StatsAccumulator",
+    "accumulate",
+    "conv_row_count",
+    "conv_rows",
+    "conv_rows_at",
+    "default_block_size",
+    "dense_rows",
+    "dequantize",
+    "error_given_terms",
+    "error_terms",
+    "gpfq_data_form",
+    "gpfq_gram_form",
+    "gptq_codes",
+    "gptq_codes_from_factor",
+    "gptq_factor",
+    "grouped_kernel",
+    "init_stats",
+    "int_dtype",
+    "make_alphabet",
+    "output_error_sq",
+    "quantize_from_stats",
+    "quantize_layer",
+    "quantize_values",
+    "round_to_codes",
+    "rtn_codes",
+    "stats_from_data",
+    "step_size",
+    "ungrouped_kernel",
+]

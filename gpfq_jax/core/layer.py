@@ -1,0 +1,316 @@
+"""One layer: quantize a Dense or Conv kernel from data or from accumulated statistics.
+
+A kernel in Flax layout ((N_in, N_out) for Dense, (kh, kw, cin/g, cout) for Conv) becomes
+``g`` matrix problems (g = feature_group_count, from the statistics), each (N, cout/g) with
+N = kh*kw*cin/g, solved together (vmapped over groups, all neurons at once). The steps come
+from the spec's rule; with ``scale="search"`` each candidate multiplier of the step is tried
+and the one with the smallest output error (from the statistics) is kept, per channel or per
+layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpfq_jax.core.alphabets import QuantSpec, as_spec, dequantize, describe, int_dtype, step_size
+from gpfq_jax.core.gpfq import gpfq_gram_form
+from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
+from gpfq_jax.core.numerics import check_finite
+from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms
+from gpfq_jax.core.patches import grouped_kernel, ungrouped_kernel
+from gpfq_jax.core.rtn import rtn_codes
+from gpfq_jax.core.sharding import pad_to_multiple, replicate, resolve_mesh, shard_along
+from gpfq_jax.core.stats import LayerStats, stats_from_data
+
+METHODS = ("gpfq", "rtn", "gptq")
+
+
+@dataclasses.dataclass
+class LayerResult:
+    """A quantized layer.
+
+    q: dequantized kernel, shape and layout of the input kernel.
+    codes: integer codes, same shape (int8, or int16 when the alphabet needs it).
+    step: the step delta: (N_out,) per channel, or a scalar () per layer; ``scale`` is the
+      same array under its public name. Values are ``step * (codes + offset)``.
+    rel_error: ||X W - X~ Q||_F / ||X W||_F over the calibration data (from the statistics).
+    c: the step multiplier used ((N_out,) when chosen per channel by ``scale="search"``).
+    """
+
+    q: jax.Array
+    codes: jax.Array
+    step: jax.Array
+    rel_error: float
+    spec: QuantSpec
+    method: str
+    c: Any
+    offset: float
+    seconds: float = 0.0
+
+    @property
+    def scale(self) -> jax.Array:
+        """The step array (the public name the README and checkpoints use)."""
+        return self.step
+
+    @property
+    def levels(self) -> int:
+        return self.spec.alphabet.levels
+
+    @property
+    def storage_bits(self) -> int:
+        return self.spec.alphabet.storage_bits
+
+    def summary(self) -> dict:
+        c = np.asarray(self.c)
+        return {
+            **describe(self.spec),
+            "method": self.method,
+            "rel_error": self.rel_error,
+            "c": float(c) if c.ndim == 0 else [float(v) for v in c],
+            "seconds": self.seconds,
+        }
+
+
+def _method_codes(
+    method: str,
+    w_g: jax.Array,
+    stats: LayerStats,
+    delta_g: jax.Array,
+    spec: QuantSpec,
+    uniform: jax.Array | None,
+    block_size: int | None,
+    gptq: GptqFactor | None,
+) -> jax.Array:
+    """Codes (g, N, n) of ``method`` for grouped weights (g, N, n) and steps (g, n)."""
+    alphabet = spec.alphabet
+    if method == "rtn":
+        return rtn_codes(w_g, delta_g[:, None, :], alphabet, uniform)
+    if method == "gpfq":
+
+        def solve(w, h, cross, d, u):
+            return gpfq_gram_form(
+                w, h, cross, d, alphabet, block_size=block_size, sparsity=spec.sparsity,
+                lam=spec.lam, uniform=u,
+            )  # fmt: skip
+
+        if uniform is None:
+            return jax.vmap(lambda w, h, cross, d: solve(w, h, cross, d, None))(
+                w_g, stats.hess, stats.cross, delta_g
+            )
+        return jax.vmap(solve)(w_g, stats.hess, stats.cross, delta_g, uniform)
+    # gptq: the factor (step-independent) was computed once per layer, outside the search
+    return jax.vmap(lambda f, d: gptq_codes_from_factor(f, d, alphabet, block_size=block_size))(
+        gptq, delta_g
+    )
+
+
+def _validate(kernel: jax.Array, stats: LayerStats, spec: QuantSpec, method: str, key) -> None:
+    """Raise ValueError for a kernel, statistics or options that cannot be quantized."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if kernel.ndim < 2:
+        raise ValueError(f"kernel must have at least 2 dims (in, out); got shape {kernel.shape}")
+    groups, n = stats.groups, stats.features
+    if kernel.shape[-1] % groups or math.prod(kernel.shape[:-1]) != n:
+        raise ValueError(
+            f"kernel shape {tuple(kernel.shape)} does not match statistics of {groups} group(s) "
+            f"of {n} features (need prod(kernel.shape[:-1]) == {n} and {groups} | out channels)"
+        )
+    if int(stats.count) == 0:
+        raise ValueError("empty statistics: no calibration rows were accumulated")
+    check_finite("kernel", kernel)
+    neurons = (groups, kernel.shape[-1] // groups)
+    if stats.xtx is None and (
+        stats.out_ref is None or stats.out_drift is None or stats.out_ref.shape != neurons
+    ):
+        got = None if stats.out_ref is None else tuple(stats.out_ref.shape)
+        raise ValueError(
+            f"statistics without F must carry the output norms of this kernel ((g, n) = "
+            f"{neurons}); got {got}: accumulate with StatsAccumulator(..., kernel=kernel)"
+        )
+    for name in ("hess", "cross", "xtx", "out_ref", "out_drift"):
+        if getattr(stats, name) is not None:
+            check_finite(f"statistics ({name})", getattr(stats, name))
+    if spec.rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key (key=jax.random.PRNGKey(...))")
+    if method == "gptq" and (spec.rounding != "nearest" or spec.sparsity is not None):
+        raise ValueError("gptq supports rounding='nearest' without sparsity only")
+
+
+def _search(
+    mat: jax.Array,
+    w_g: jax.Array,
+    stats: LayerStats,
+    terms: ErrorTerms,
+    spec: QuantSpec,
+    method: str,
+    uniform: jax.Array | None,
+    block_size: int | None,
+    gptq: GptqFactor | None,
+    mesh,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Try every step multiplier; keep, per channel (or per layer), the smallest output error.
+
+    mat: (N, cout) kernel matrix; w_g: (g, N, n) grouped (maybe padded and sharded) kernel.
+    Returns (codes (g, N, n_cols), errors (g, n_cols), multipliers c (g, n_cols)).
+    """
+    groups, n_cols = w_g.shape[0], mat.shape[-1] // w_g.shape[0]
+    multipliers = spec.search_grid if spec.scale == "search" else (1.0,)
+    best = None
+    for mult in multipliers:
+        c = spec.c * mult
+        delta_g = step_size(mat, spec, c).reshape(groups, -1)  # (g, n)
+        if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
+            delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
+        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq)
+        q_g = dequantize(codes, delta_g[:, None, :], spec.alphabet.offset)
+        err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]  # (g, n)
+        cand = (codes[..., :n_cols], err, jnp.full(err.shape, c, err.dtype))
+        if best is None:
+            best = cand
+            continue
+        if spec.channelwise:
+            better = cand[1] < best[1]  # per neuron
+        else:
+            better = jnp.broadcast_to(cand[1].sum() < best[1].sum(), err.shape)
+        best = tuple(
+            jnp.where(better[:, None, :] if b.ndim == 3 else better, new, b)
+            for new, b in zip(cand, best)
+        )
+    return best
+
+
+def _assemble(
+    kernel: jax.Array,
+    mat: jax.Array,
+    codes_g: jax.Array,
+    err: jax.Array,
+    ref: jax.Array,
+    c_g: jax.Array,
+    spec: QuantSpec,
+    method: str,
+    start: float,
+) -> LayerResult:
+    """The LayerResult of the chosen codes (g, N, n), errors and multipliers (g, n)."""
+    dtype = err.dtype
+    c_out = c_g.reshape(-1)
+    delta = step_size(mat, spec, c_out if spec.channelwise else c_out[0])
+    codes = ungrouped_kernel(codes_g, mat.shape)
+    q = dequantize(codes, delta, spec.alphabet.offset)
+    rel = float(jnp.sqrt(err.sum() / jnp.maximum(ref.sum(), jnp.finfo(dtype).tiny)))
+    step = delta if spec.channelwise else delta[0]
+    c_val = c_out if (spec.channelwise and spec.scale == "search") else c_out[0]
+    return LayerResult(
+        q=q.reshape(kernel.shape).astype(kernel.dtype),
+        codes=codes.reshape(kernel.shape).astype(int_dtype(spec.alphabet)),
+        step=step.astype(kernel.dtype),
+        rel_error=rel,
+        spec=spec,
+        method=method,
+        c=c_val,
+        offset=spec.alphabet.offset,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def quantize_from_stats(
+    kernel: jax.Array,
+    stats: LayerStats,
+    spec: QuantSpec | dict | None = None,
+    method: str = "gpfq",
+    *,
+    key: jax.Array | None = None,
+    block_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    mesh=None,
+) -> LayerResult:
+    """Quantize a Dense or Conv kernel from its layer's accumulated statistics.
+
+    Args:
+      kernel: (N_in, N_out) Dense or (kh, kw, cin/g, cout) Conv kernel, Flax layout.
+      stats: the layer's LayerStats (g problems of N = prod(kernel.shape[:-1]) features).
+      spec: the alphabet and step rule. method: "gpfq", "rtn" or "gptq".
+      key: PRNG key, required for ``spec.rounding == "stochastic"``.
+      block_size: column block of the Gram-form / GPTQ lazy updates (None:
+        ``gpfq_jax.core.gpfq.default_block_size``).
+      damp, act_order: GPTQ's damping fraction and act-order.
+      mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
+        "auto" (all local devices) or None. The codes do not depend on the device count.
+    """
+    spec = as_spec(spec)
+    kernel = jnp.asarray(kernel)
+    _validate(kernel, stats, spec, method, key)
+    start = time.perf_counter()
+    dtype = stats.hess.dtype
+    mat = kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
+    w_g = grouped_kernel(mat, stats.groups)
+    uniform = None
+    if spec.rounding == "stochastic":
+        uniform = jax.random.uniform(key, w_g.shape, dtype)
+    mesh = resolve_mesh(mesh)
+    if mesh is not None:  # neurons across devices, statistics replicated
+        w_g = shard_along(w_g, mesh, -1)
+        uniform = None if uniform is None else shard_along(uniform, mesh, -1)
+        if stats.xtx is None:  # per-neuron norms padded like the columns
+            stats = stats._replace(
+                out_ref=pad_to_multiple(stats.out_ref, 1, mesh.size),
+                out_drift=pad_to_multiple(stats.out_drift, 1, mesh.size),
+            )
+        stats = replicate(stats, mesh)
+    terms = error_terms(stats, w_g)  # Q-independent, once per layer
+    gptq = None
+    if method == "gptq":  # step-independent, once per layer
+        gptq = jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
+            w_g, stats.hess
+        )
+    codes, err, c_g = _search(mat, w_g, stats, terms, spec, method, uniform, block_size, gptq, mesh)
+    ref = terms.ref[..., : mat.shape[-1] // stats.groups]
+    return _assemble(kernel, mat, codes, err, ref, c_g, spec, method, start)
+
+
+def quantize_layer(
+    w: jax.Array,
+    x: jax.Array,
+    x_quant: jax.Array | None = None,
+    spec: QuantSpec | dict | None = None,
+    method: str = "gpfq",
+    **kwargs,
+) -> LayerResult:
+    """Quantize one Dense layer from its inputs.
+
+    Args:
+      w: (N_in, N_out) kernel (Flax layout: column j is neuron j).
+      x: (m, N_in) the layer's inputs in the float model.
+      x_quant: (m, N_in) the same inputs in the partially quantized model (default: x).
+      spec, method, kwargs: as ``quantize_from_stats``.
+    Returns: LayerResult with q, codes (shape of w), scale ((N_out,) or ()), rel_error.
+    """
+    w, x = jnp.asarray(w), jnp.asarray(x)
+    if w.ndim != 2:
+        raise ValueError(f"w must be (N_in, N_out); got shape {tuple(w.shape)}")
+    if x.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"x must be (m, {w.shape[0]}) to match w {tuple(w.shape)}; got shape {tuple(x.shape)}"
+        )
+    xq = x if x_quant is None else jnp.asarray(x_quant)
+    if xq.shape != x.shape:
+        raise ValueError(f"x_quant shape {tuple(xq.shape)} differs from x shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty calibration data: x has 0 rows")
+    check_finite("x", x)
+    if x_quant is not None:
+        check_finite("x_quant", xq)
+    check_finite("w", w)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return quantize_from_stats(w, stats_from_data(x, xq, dtype), spec, method, **kwargs)
+
+
+__all__ = ["LayerResult", "quantize_layer", "quantize_from_stats", "METHODS"]

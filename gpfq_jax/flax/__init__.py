@@ -1,0 +1,27 @@
+"""The Flax adapter: whole Linen and NNX models, layer by layer.
+
+tracing (the one abstract pass and the interception mechanism), capture (layer inputs and
+kernels), bn_fold, rules, calibration, targets (the float and the partially quantized model
+of one framework), results, driver (``quantize_params``), checkpoints (``save_quantized`` /
+``load_quantized`` / ``size_report``).
+"""
+
+from gpfq_jax.flax.checkpoints import load_quantized, read_metadata, save_quantized, size_report
+from gpfq_jax.flax.driver import quantize_params
+from gpfq_jax.flax.results import LayerRecord, QuantizeResult
+from gpfq_jax.flax.rules import Rule
+from gpfq_jax.flax.tracing import LayerInfo, discover_layers, trace_model
+
+__all__ = [
+    "LayerInfo",
+    "LayerRecord",
+    "QuantizeResult",
+    "Rule",
+    "discover_layers",
+    "load_quantized",
+    "quantize_params",
+    "read_metadata",
+    "save_quantized",
+    "size_report",
+    "trace_model",
+]

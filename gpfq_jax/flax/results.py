@@ -1,0 +1,146 @@
+"""What ``quantize_params`` returns: one LayerRecord per layer inside a QuantizeResult."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from gpfq_jax.core.layer import LayerResult
+from gpfq_jax.flax.paths import Path
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One quantized layer of a model: where it is, its LayerResult, and what it cost.
+
+    path: module path (Linen: in ``variables['params']``; NNX: attribute path); name: "/".join.
+    kind: "dense" or "conv"; shape: the kernel shape (Flax layout).
+    result: the one-layer LayerResult (codes, step, rel_error, spec, method, c, offset);
+      its fields are readable on the record too (``record.codes``, ``record.scale``, ...).
+    seconds = capture_seconds (forward passes, incl. compilation) + stats_seconds
+    (accumulating H, G, F) + quant_seconds (quantize_from_stats).
+    capture_first_seconds: the first batch's share of capture_seconds (includes compiling the
+    layer's capture function). rows: calibration rows accumulated (samples for Dense, patches
+    for Conv). bias_shift: (cout,) added to the bias by bias correction, else None.
+    """
+
+    path: Path
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    result: LayerResult
+    capture_seconds: float = 0.0
+    stats_seconds: float = 0.0
+    quant_seconds: float = 0.0
+    capture_first_seconds: float = 0.0
+    rows: int = 0
+    bias_shift: jax.Array | None = None
+
+    # The LayerResult's fields, read through.
+    codes = property(lambda self: self.result.codes, doc="integer codes, shape ``shape``")
+    scale = property(lambda self: self.result.step, doc="the step, (cout,) or ()")
+    rel_error = property(lambda self: self.result.rel_error)
+    spec = property(lambda self: self.result.spec)
+    method = property(lambda self: self.result.method)
+    c = property(lambda self: self.result.c)
+    offset = property(lambda self: self.result.offset)
+    levels = property(lambda self: self.result.levels)
+    storage_bits = property(lambda self: self.result.storage_bits)
+
+    @property
+    def seconds(self) -> float:
+        return self.capture_seconds + self.stats_seconds + self.quant_seconds
+
+    def summary(self) -> dict:
+        return {
+            "layer": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            **self.result.summary(),
+            "rows": self.rows,
+            "bias_corrected": self.bias_shift is not None,
+            "seconds": self.seconds,
+            "capture_seconds": self.capture_seconds,
+            "capture_first_seconds": self.capture_first_seconds,
+            "stats_seconds": self.stats_seconds,
+            "quant_seconds": self.quant_seconds,
+        }
+
+
+_TABLE = (
+    ("layer", "{}"),
+    ("kind", "{}"),
+    ("shape", "{}"),
+    ("bits", "{}"),
+    ("grid", "{}"),
+    ("method", "{}"),
+    ("levels", "{}"),
+    ("rel_error", "{:.4f}"),
+    ("capture_s", "{:.3f}"),
+    ("stats_s", "{:.3f}"),
+    ("quant_s", "{:.3f}"),
+)
+
+
+class SummaryTable(list):
+    """A list of per-layer dicts that prints as an aligned table."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "(no quantized layers)"
+        key = {
+            "capture_s": "capture_seconds",
+            "stats_s": "stats_seconds",
+            "quant_s": "quant_seconds",
+        }
+        rows = [
+            [
+                fmt.format(d[key.get(h, h)])
+                if not isinstance(d[key.get(h, h)], list)
+                else "x".join(map(str, d[key.get(h, h)]))
+                for h, fmt in _TABLE
+            ]
+            for d in self
+        ]
+        heads = [h for h, _ in _TABLE]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    """What ``quantize_params`` returns.
+
+    variables: Linen: the variables tree with quantized kernels replaced by their dequantized
+      values (drop-in for ``model.apply``). NNX: ``nnx.to_pure_dict(nnx.state(model))`` of
+      the quantized copy.
+    model: NNX: the quantized copy (the user's model is untouched); Linen: None.
+    layers: one LayerRecord per quantized layer, forward order.
+    skipped: names of the layers left float by rules. folded: (layer, batchnorm) name pairs.
+    """
+
+    variables: Any
+    model: Any
+    layers: list[LayerRecord]
+    skipped: list[str]
+    folded: list[tuple[str, str]]
+    framework: str
+    seconds: float = 0.0
+
+    def summary(self) -> SummaryTable:
+        """Per-layer dicts; ``print(res.summary())`` shows a table."""
+        return SummaryTable(r.summary() for r in self.layers)
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(
+            f"no quantized layer {name!r}; layers: {', '.join(r.name for r in self.layers)}"
+        )
+
+
+__all__ = ["LayerRecord", "QuantizeResult", "SummaryTable"]

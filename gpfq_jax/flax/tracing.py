@@ -1,0 +1,405 @@
+"""One interception mechanism for Linen and NNX, and the one abstract pass that maps a model.
+
+``intercepted_forward`` runs a model's forward pass with a hook called on every Dense / Conv /
+BatchNorm call (and on unsupported kernel layers). Linen calls are seen through
+``flax.linen.intercept_methods``. NNX has no interception hook: the state is merged into a
+throwaway module copy (``nnx.merge``) whose observed modules get their class swapped to a
+recording subclass (cached per class) that reports each call to the hook active in a context
+variable; the user's model is never touched.
+
+``trace_model`` runs it once under ``jax.eval_shape`` (no FLOPs) and returns everything the
+driver needs to know before quantizing: the quantizable layers in the order of their first
+call (kernel shape, input shape, conv geometry), which BatchNorm directly follows which layer
+(for folding), and the first layer whose input does not fit its kernel (``InputShapeError``).
+Unsupported kernel layers, shared layers and layers inside lifted transforms raise errors that
+name the module path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpfq_jax.core.patches import ConvGeometry
+from gpfq_jax.flax.paths import Path, first_input, get_in, path_name
+
+SUPPORTED = (
+    "supported layers: Dense / nnx.Linear (kernel (in, out) applied to the last axis) and "
+    "Conv / nnx.Conv (shared-weight convolution, zero padding)"
+)
+
+# (Linen classes, NNX classes) per kind. Unsupported kernel layers are listed so that they
+# raise instead of being left float silently.
+_KINDS = (
+    ("unsupported", (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal),
+     (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)),
+    ("bn", (nn.BatchNorm,), (nnx.BatchNorm,)),
+    ("dense", (nn.Dense,), (nnx.Linear,)),
+    ("conv", (nn.Conv,), (nnx.Conv,)),
+)  # fmt: skip
+HookFn = Callable[[Any, Path, str, tuple, dict, Callable[[], Any]], Any]
+
+
+def layer_kind(module: Any) -> str | None:
+    """'dense', 'conv', 'bn', 'unsupported', or None (not a layer this package looks at)."""
+    for kind, linen, nnx_classes in _KINDS:
+        if isinstance(module, linen + nnx_classes):
+            return kind
+    return None
+
+
+def is_nnx(model: Any) -> bool:
+    return isinstance(model, nnx.Module)
+
+
+# --------------------------------------------------------------------------- interception
+
+_NNX_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "gpfq_nnx_hook", default=None
+)
+_TAG = "_gpfq_path"
+
+
+@functools.cache
+def _recording_class(base: type) -> type:
+    """Subclass of ``base`` whose __call__ reports to the active NNX hook (if any)."""
+
+    def __call__(self, *args, **kwargs):
+        hook = _NNX_HOOK.get()
+        call = lambda: base.__call__(self, *args, **kwargs)  # noqa: E731
+        return call() if hook is None else hook(self, args, kwargs, call)
+
+    return type(base)(f"_Recording{base.__name__}", (base,), {"__call__": __call__})
+
+
+@contextlib.contextmanager
+def _nnx_hook(hook: Callable) -> Iterator[None]:
+    token = _NNX_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _NNX_HOOK.reset(token)
+
+
+def intercepted_forward(
+    model: Any,
+    graphdef: Any,
+    variables_or_state: Any,
+    x: Any,
+    apply_kwargs: dict,
+    hook: HookFn,
+    only: Path | None = None,
+) -> Any:
+    """Run the forward pass, calling ``hook(module, path, kind, args, kwargs, call)`` on every
+    layer call of a known kind (``call()`` runs the layer; the hook returns its output).
+
+    Linen: ``model.apply(variables, x, **apply_kwargs)``. NNX: ``graphdef`` and the state of
+    ``nnx.split(model)``; the call runs on a merged copy. ``only``: observe just the layer at
+    this path (NNX installs one recorder; Linen filters).
+    """
+    if graphdef is None:
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            kind = layer_kind(module) if context.method_name == "__call__" else None
+            path = tuple(module.path)
+            if kind is None or (only is not None and path != only):
+                return next_fun(*args, **kwargs)
+            return hook(module, path, kind, args, kwargs, lambda: next_fun(*args, **kwargs))
+
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables_or_state, x, **apply_kwargs)
+
+    copy = nnx.merge(graphdef, variables_or_state)
+    for path, mod in list(nnx.iter_modules(copy)):
+        if layer_kind(mod) is not None and (only is None or tuple(path) == only):
+            if not hasattr(mod, _TAG):  # a module reachable by two paths keeps the first
+                mod.__class__ = _recording_class(type(mod))
+                setattr(mod, _TAG, tuple(path))
+
+    def nnx_hook(mod, args, kwargs, call):
+        return hook(mod, getattr(mod, _TAG), layer_kind(mod), args, kwargs, call)
+
+    with _nnx_hook(nnx_hook):
+        return copy(x, **apply_kwargs)
+
+
+def outer_trace(tree: Any) -> Any:
+    """The trace of the first traced leaf of ``tree`` (the top-level trace), or None."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            return getattr(leaf, "_trace", None)
+    return None
+
+
+def check_not_lifted(x: Any, outer: Any, path: Path) -> None:
+    """Raise if ``x`` belongs to an inner trace (layer inside scan/vmap/remat/...)."""
+    trace = getattr(x, "_trace", None) if isinstance(x, jax.core.Tracer) else None
+    if outer is not None and trace is not None and trace is not outer:
+        raise NotImplementedError(
+            f"layer {path_name(path)!r} is called inside a lifted transform (nn.scan / nn.vmap "
+            "/ nn.remat / nnx.scan / nnx.vmap / nnx.remat / jax transforms inside the model); "
+            f"capturing its inputs is not supported. {SUPPORTED}, called directly in the "
+            "forward pass."
+        )
+
+
+# --------------------------------------------------------------------------- the model map
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """A quantizable layer found by :func:`trace_model`.
+
+    path: Linen, module path inside ``variables['params']``; NNX, attribute path to the module.
+    kind: "dense" or "conv". kernel_shape: Flax layout ((in, out) or (kh, kw, cin/g, cout)).
+    input_shape: the input of its call on the traced batch. geometry: the conv's patches
+    (explicit padding resolved for ``input_shape``), None for dense layers.
+    call_index: position in the forward pass (first call).
+    """
+
+    path: Path
+    name: str
+    kind: str
+    kernel_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    geometry: ConvGeometry | None = None
+    has_bias: bool = False
+    call_index: int = 0
+
+    @property
+    def feature_group_count(self) -> int:
+        return 1 if self.geometry is None else self.geometry.feature_group_count
+
+
+@dataclasses.dataclass(frozen=True)
+class BNFollow:
+    """A BatchNorm at ``bn_path`` applied directly to the output of the layer at ``path``.
+
+    ``foldable`` is False (with ``reason``) when the BN is not in inference mode, does not
+    normalize the last (output-channel) axis, or is masked.
+    """
+
+    path: Path
+    bn_path: Path
+    foldable: bool
+    reason: str = ""
+    epsilon: float = 1e-5
+
+
+class InputShapeError(ValueError):
+    """A layer's input does not fit its kernel (raised during the abstract pass)."""
+
+    def __init__(self, name: str, got: tuple[int, ...], expected: str):
+        self.name, self.got, self.expected = name, got, expected
+        super().__init__(f"layer {name!r} expects inputs of shape {expected}, got {got}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTrace:
+    """What one abstract pass learns: the layers (forward order) and the BN-follow pairs."""
+
+    layers: list[LayerInfo]
+    bn_follows: list[BNFollow]
+
+
+def _bn_reason(module: Any, x: Any, args: tuple, kwargs: dict) -> str:
+    """Why this BN call cannot be folded ('' if it can)."""
+    ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    if ura is None:
+        ura = module.use_running_average
+    if ura is not True:
+        return "not in inference mode (use_running_average is not True)"
+    if kwargs.get("mask") is not None:
+        return "masked"
+    axis, ndim = module.axis, len(getattr(x, "shape", ()))
+    if not isinstance(axis, int) or axis not in (-1, ndim - 1):
+        return f"normalizes axis {axis}, not the last (output-channel) axis"
+    return ""
+
+
+def _kernel_shape(module: Any, path: Path, params: Any) -> tuple[int, ...]:
+    """The layer's stored kernel shape (Linen: from ``params``; NNX: from the module)."""
+    if params is None:
+        return tuple(module.kernel[...].shape)
+    kernel = get_in(params, (*path, "kernel"))
+    if kernel is None:
+        raise KeyError(f"no 'kernel' at variables['params'][{path_name(path)!r}]")
+    return tuple(kernel.shape)
+
+
+def _layer_info(module: Any, path: Path, kind: str, x: Any, params: Any) -> dict[str, Any]:
+    """LayerInfo fields of a Dense/Conv call with input ``x``; InputShapeError if it does not
+    fit the kernel, NotImplementedError for stacked kernels or masked convs."""
+    name, shape = path_name(path), tuple(int(s) for s in jnp.shape(x))
+    kshape = _kernel_shape(module, path, params)
+    features = module.features if params is not None else module.out_features
+    geometry = None
+    if kind == "dense":
+        if not shape or shape[-1] != kshape[0]:
+            raise InputShapeError(name, shape, f"(..., {kshape[0]})")
+        expected = (shape[-1], features)
+    else:
+        groups, nd = module.feature_group_count, len(kshape) - 2
+        n_in = kshape[-2] * groups
+        if len(shape) < nd + 1 or shape[-1] != n_in:
+            raise InputShapeError(name, shape, f"(batch, {', '.join(['*'] * nd)}, {n_in})")
+        if module.mask is not None:
+            raise NotImplementedError(f"masked conv layer {name!r} is not supported")
+        geometry = ConvGeometry.create(
+            kshape, module.strides, module.padding, module.input_dilation,
+            module.kernel_dilation, groups, shape, layer=f"conv layer {name!r}",
+        )  # fmt: skip
+        ks = module.kernel_size
+        ks = (ks,) if isinstance(ks, int) else tuple(ks)
+        expected = (*ks, shape[-1] // groups, features)
+    if kshape != tuple(expected):
+        raise NotImplementedError(
+            f"layer {name!r}: stored kernel shape {kshape} does not match its call (input "
+            f"{shape}); stacked kernels (nn.scan / nn.vmap) are not supported."
+        )
+    has_bias = module.use_bias if params is not None else module.bias is not None
+    return dict(path=path, name=name, kind=kind, kernel_shape=kshape, input_shape=shape,
+                geometry=geometry, has_bias=bool(has_bias))  # fmt: skip
+
+
+class _Recorder:
+    """The hook of ``trace_model``: records layers, BN events, counts and unsupported calls."""
+
+    def __init__(self, params: Any, outer: Any):
+        self.params, self.outer = params, outer
+        self.layers: dict[Path, dict[str, Any]] = {}
+        self.counts: dict[Path, int] = {}
+        self.unsupported: dict[Path, str] = {}
+        self.events: list[tuple[str, Path, Any, Any]] = []  # (kind, path, input, output|BNFollow)
+        self.active: set[Path] = set()
+
+    def __call__(self, module, path, kind, args, kwargs, call):
+        if path in self.active:  # a layer calling itself through super().__call__
+            return call()
+        x = first_input(args, kwargs)
+        if kind == "bn":
+            reason = _bn_reason(module, x, args, kwargs)
+            self.events.append(("bn", path, x, (reason, float(module.epsilon))))
+            return call()
+        check_not_lifted(x, self.outer, path)
+        self.counts[path] = self.counts.get(path, 0) + 1
+        if kind == "unsupported":
+            base = type(module).__mro__[1] if hasattr(module, _TAG) else type(module)
+            self.unsupported.setdefault(path, base.__name__)
+            return call()
+        self.layers.setdefault(path, _layer_info(module, path, kind, x, self.params))
+        self.active.add(path)
+        try:
+            out = call()
+        finally:
+            self.active.discard(path)
+        self.events.append(("layer", path, x, out))
+        return out
+
+    def result(self) -> ModelTrace:
+        if self.unsupported:
+            items = ", ".join(f"{path_name(p)!r} ({t})" for p, t in self.unsupported.items())
+            raise NotImplementedError(
+                f"unsupported layer(s) in the forward pass: {items}; {SUPPORTED}."
+            )
+        for path, n in self.counts.items():
+            if n > 1:
+                raise ValueError(
+                    f"shared layer {path_name(path)!r} called {n} times is not supported: each "
+                    "quantizable layer must be called exactly once per forward pass."
+                )
+        layers = [LayerInfo(call_index=i, **rec) for i, rec in enumerate(self.layers.values())]
+        follows = []
+        for prev, ev in zip(self.events, self.events[1:]):
+            if ev[0] == "bn" and prev[0] == "layer" and ev[2] is prev[3]:
+                reason, eps = ev[3]
+                follows.append(BNFollow(prev[1], ev[1], not reason, reason, eps))
+        return ModelTrace(layers, follows)
+
+
+def _warn_if_training(model: nnx.Module) -> None:
+    for path, m in nnx.iter_modules(model):
+        if getattr(m, "use_running_average", None) is False or (
+            getattr(m, "deterministic", None) is False and getattr(m, "rate", 0) > 0
+        ):
+            warnings.warn(
+                f"NNX module {path_name(path) or '<root>'!r} ({type(m).__name__}) is in training "
+                "mode; captured inputs will use batch statistics / dropout. Call model.eval() "
+                "first.",
+                stacklevel=4,
+            )
+            return
+
+
+def require_no_variables(variables: Any) -> None:
+    """NNX models hold their own state: ``variables`` must be None."""
+    if variables is not None:
+        raise TypeError(
+            "for an NNX model pass variables=None (the model holds its own state); "
+            f"got {type(variables).__name__}"
+        )
+
+
+def trace_model(model: Any, variables: Any, sample_input: Any, **apply_kwargs) -> ModelTrace:
+    """Map ``model`` with one abstract forward pass (``jax.eval_shape``: no FLOPs).
+
+    Linen: ``variables`` is the variables dict, ``apply_kwargs`` go to ``model.apply`` (e.g.
+    ``train=False``). NNX: ``variables`` must be None and ``apply_kwargs`` go to
+    ``model(x, ...)``; put the model in eval mode first (``.eval()``). Raises InputShapeError
+    for the first layer whose input does not fit its kernel, NotImplementedError for
+    unsupported kernel layers and ValueError for a layer called more than once.
+    """
+    if is_nnx(model):
+        require_no_variables(variables)
+        _warn_if_training(model)
+        graphdef, state = nnx.split(model)
+        params = None
+    else:
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise TypeError("Linen models need the variables dict with a 'params' collection")
+        graphdef, state, params = None, variables, variables["params"]
+    recorders: list[_Recorder] = []
+
+    def run(st: Any, x: Any) -> None:
+        rec = _Recorder(params, outer_trace(x))
+        recorders.append(rec)
+        intercepted_forward(model, graphdef, st, x, apply_kwargs, rec)
+
+    jax.eval_shape(run, state, sample_input)
+    return recorders[0].result()
+
+
+def discover_layers(
+    model: Any, variables: Any, sample_input: Any, **apply_kwargs
+) -> list[LayerInfo]:
+    """The quantizable layers of ``model`` in the order of their first call
+    (``trace_model(...).layers``)."""
+    return trace_model(model, variables, sample_input, **apply_kwargs).layers
+
+
+__all__ = [
+    "SUPPORTED",
+    "LayerInfo",
+    "BNFollow",
+    "InputShapeError",
+    "ModelTrace",
+    "trace_model",
+    "discover_layers",
+    "intercepted_forward",
+    "layer_kind",
+    "is_nnx",
+    "outer_trace",
+    "check_not_lifted",
+    "require_no_variables",
+]
