@@ -10,7 +10,8 @@ Codes are stored in the smallest signed integer dtype holding the alphabet
 (``int_dtype(alphabet, storage=True)``: int4 for up to 16 levels, else int8/int16); orbax
 saves jnp.int4 on CPU (tensorstore zarr with zstd, so on disk a code costs about its
 entropy). Leaves of the variables tree are addressed by their key path (str and int keys
-kept as such in JSON); typed PRNG keys (NNX ``Rngs``) are stored as key data plus their implementation name.
+kept as such in JSON); typed PRNG keys (NNX ``Rngs``) are stored as key data plus their
+implementation name.
 
 Saving is atomic: everything is written into a temporary sibling directory that is renamed to
 ``path`` only when complete, so an interrupted save leaves no checkpoint at ``path`` and never
