@@ -122,9 +122,9 @@ def gpfq_gram_form(
     values = jnp.zeros_like(w)
     for s in range(0, n, bs):
         e = min(s + bs, n)
-        g_bb, h_bb = cross[s:e, s:e], hess[s:e, s:e]
+        cross_bb, h_bb = cross[s:e, s:e], hess[s:e, s:e]
         w_blk = w[s:e]
-        pre = jnp.dot(jnp.tril(g_bb), w_blk, precision=HIGHEST)
+        pre = jnp.dot(jnp.tril(cross_bb), w_blk, precision=HIGHEST)
         if s > 0:
             pre += jnp.dot(cross[s:e, :s], w[:s], precision=HIGHEST)
             pre -= jnp.dot(hess[s:e, :s], values[:s], precision=HIGHEST)

@@ -1,7 +1,7 @@
 """Layer-input capture and functional kernel access for Linen and NNX models.
 
 ``make_input_capturer`` builds a jitted function that returns one layer's input for a batch:
-the forward pass runs under ``tracing.intercepted_forward`` and everything downstream of the
+the forward pass runs under ``intercept.intercepted_forward`` and everything downstream of the
 layer is pruned by XLA. ``get_kernel`` / ``set_kernel`` read and write a layer's kernel
 without modifying their input.
 """
@@ -15,15 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpfq_jax.flax.intercept import check_not_lifted, intercepted_forward, is_nnx, outer_trace
 from gpfq_jax.flax.paths import first_input, get_in, module_at, path_name, replace_in
-from gpfq_jax.flax.tracing import (
-    LayerInfo,
-    check_not_lifted,
-    intercepted_forward,
-    is_nnx,
-    outer_trace,
-    require_no_variables,
-)
+from gpfq_jax.flax.tracing import LayerInfo, require_no_variables
 
 
 def _linen_kernel(variables: Any, layer: LayerInfo) -> Any:

@@ -49,6 +49,7 @@ def default_apply_kwargs(model: Any) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
+# long: the public entry point; its signature and argument docs are most of its length.
 def quantize_params(
     model: Any,
     variables: Any,
@@ -113,13 +114,40 @@ def quantize_params(
         apply_kwargs = default_apply_kwargs(model)
     target = make_target(model, variables, dict(apply_kwargs))
     trace = _checked_trace(target, batches.first)
-    follows, layers = trace.bn_follows, trace.layers
-    plans = plan_layers([layer.name for layer in layers], rules, spec, method)
+    plans = plan_layers([layer.name for layer in trace.layers], rules, spec, method)
     folded = []
     if fold_batchnorm:
-        folded = _fold(target, follows, layers, plans, batches.first)
-    key = jax.random.PRNGKey(seed) if key is None else key
+        folded = _fold(target, trace.bn_follows, trace.layers, plans, batches.first)
+    records, skipped = _quantize_layers(
+        target, trace.layers, plans, batches, progress=progress,
+        key=jax.random.PRNGKey(seed) if key is None else key, seed=seed,
+        bias_correction=bias_correction, patch_fraction=patch_fraction,
+        stats_dtype=stats_dtype, mesh=mesh, block_size=block_size, damp=damp,
+        act_order=act_order,
+    )  # fmt: skip
+    variables_out, model_out = target.result()
+    elapsed = time.perf_counter() - start
+    return QuantizeResult(
+        variables_out, model_out, records, skipped, folded, target.framework, elapsed
+    )
 
+
+def _quantize_layers(
+    target: Target,
+    layers: list[LayerInfo],
+    plans: list[LayerPlan],
+    batches: Calibration,
+    *,
+    progress: bool,
+    key: jax.Array,
+    seed: int,
+    **layer_kwargs: Any,
+) -> tuple[list[LayerRecord], list[str]]:
+    """Quantize the planned layers in forward order (a progress bar over layers).
+
+    Layer i gets the PRNG key ``fold_in(key, i)`` and the patch-sampling seed derived from
+    ``seed`` and i; ``layer_kwargs`` go to ``_quantize_layer``.
+    """
     records, skipped = [], []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
     try:
@@ -135,30 +163,15 @@ def quantize_params(
                         plan,
                         batches,
                         changed=bool(records),
-                        bias_correction=bias_correction,
                         key=jax.random.fold_in(key, i),
                         seed=(seed * 1_000_003 + i) % 2**31,
-                        patch_fraction=patch_fraction,
-                        block_size=block_size,
-                        damp=damp,
-                        act_order=act_order,
-                        stats_dtype=stats_dtype,
-                        mesh=mesh,
-                    )
+                        **layer_kwargs,
+                    )  # fmt: skip
                 )
             bar.update(1)
     finally:
         bar.close()
-    variables_out, model_out = target.result()
-    return QuantizeResult(
-        variables_out,
-        model_out,
-        records,
-        skipped,
-        folded,
-        target.framework,
-        time.perf_counter() - start,
-    )
+    return records, skipped
 
 
 def _check_stats_dtype(dtype: Any) -> None:

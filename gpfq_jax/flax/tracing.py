@@ -1,158 +1,34 @@
-"""One interception mechanism for Linen and NNX, and the one abstract pass that maps a model.
+"""The one abstract pass that maps a model before it is quantized.
 
-``intercepted_forward`` runs a model's forward pass with a hook called on every Dense / Conv /
-BatchNorm call (and on unsupported kernel layers). Linen calls are seen through
-``flax.linen.intercept_methods``. NNX has no interception hook: the state is merged into a
-throwaway module copy (``nnx.merge``) whose observed modules get their class swapped to a
-recording subclass (cached per class) that reports each call to the hook active in a context
-variable; the user's model is never touched.
-
-``trace_model`` runs it once under ``jax.eval_shape`` (no FLOPs) and returns everything the
-driver needs to know before quantizing: the quantizable layers in the order of their first
-call (kernel shape, input shape, conv geometry), which BatchNorm directly follows which layer
-(for folding), and the first layer whose input does not fit its kernel (``InputShapeError``).
-Unsupported kernel layers, shared layers and layers inside lifted transforms raise errors that
-name the module path.
+``trace_model`` runs the forward pass once under ``jax.eval_shape`` (no FLOPs) through
+``gpfq_jax.flax.intercept`` and returns everything the driver needs to know first: the
+quantizable layers in the order of their first call (kernel shape, input shape, conv
+geometry), which BatchNorm directly follows which layer (for folding), and the first layer
+whose input does not fit its kernel (``InputShapeError``). Unsupported kernel layers, shared
+layers and layers inside lifted transforms raise errors that name the module path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gpfq_jax.core.patches import ConvGeometry
+from gpfq_jax.flax.intercept import (
+    SUPPORTED,
+    check_not_lifted,
+    intercepted_forward,
+    is_nnx,
+    outer_trace,
+    recorded_base,
+)
 from gpfq_jax.flax.paths import Path, first_input, get_in, path_name
-
-SUPPORTED = (
-    "supported layers: Dense / nnx.Linear (kernel (in, out) applied to the last axis) and "
-    "Conv / nnx.Conv (shared-weight convolution, zero padding)"
-)
-
-# (Linen classes, NNX classes) per kind. Unsupported kernel layers are listed so that they
-# raise instead of being left float silently.
-_KINDS = (
-    ("unsupported", (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal),
-     (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)),
-    ("bn", (nn.BatchNorm,), (nnx.BatchNorm,)),
-    ("dense", (nn.Dense,), (nnx.Linear,)),
-    ("conv", (nn.Conv,), (nnx.Conv,)),
-)  # fmt: skip
-HookFn = Callable[[Any, Path, str, tuple, dict, Callable[[], Any]], Any]
-
-
-def layer_kind(module: Any) -> str | None:
-    """'dense', 'conv', 'bn', 'unsupported', or None (not a layer this package looks at)."""
-    for kind, linen, nnx_classes in _KINDS:
-        if isinstance(module, linen + nnx_classes):
-            return kind
-    return None
-
-
-def is_nnx(model: Any) -> bool:
-    return isinstance(model, nnx.Module)
-
-
-# --------------------------------------------------------------------------- interception
-
-_NNX_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
-    "gpfq_nnx_hook", default=None
-)
-_TAG = "_gpfq_path"
-
-
-@functools.cache
-def _recording_class(base: type) -> type:
-    """Subclass of ``base`` whose __call__ reports to the active NNX hook (if any)."""
-
-    def __call__(self, *args, **kwargs):
-        hook = _NNX_HOOK.get()
-        call = lambda: base.__call__(self, *args, **kwargs)  # noqa: E731
-        return call() if hook is None else hook(self, args, kwargs, call)
-
-    return type(base)(f"_Recording{base.__name__}", (base,), {"__call__": __call__})
-
-
-@contextlib.contextmanager
-def _nnx_hook(hook: Callable) -> Iterator[None]:
-    token = _NNX_HOOK.set(hook)
-    try:
-        yield
-    finally:
-        _NNX_HOOK.reset(token)
-
-
-def intercepted_forward(
-    model: Any,
-    graphdef: Any,
-    variables_or_state: Any,
-    x: Any,
-    apply_kwargs: dict,
-    hook: HookFn,
-    only: Path | None = None,
-) -> Any:
-    """Run the forward pass, calling ``hook(module, path, kind, args, kwargs, call)`` on every
-    layer call of a known kind (``call()`` runs the layer; the hook returns its output).
-
-    Linen: ``model.apply(variables, x, **apply_kwargs)``. NNX: ``graphdef`` and the state of
-    ``nnx.split(model)``; the call runs on a merged copy. ``only``: observe just the layer at
-    this path (NNX installs one recorder; Linen filters).
-    """
-    if graphdef is None:
-
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            kind = layer_kind(module) if context.method_name == "__call__" else None
-            path = tuple(module.path)
-            if kind is None or (only is not None and path != only):
-                return next_fun(*args, **kwargs)
-            return hook(module, path, kind, args, kwargs, lambda: next_fun(*args, **kwargs))
-
-        with nn.intercept_methods(interceptor):
-            return model.apply(variables_or_state, x, **apply_kwargs)
-
-    copy = nnx.merge(graphdef, variables_or_state)
-    for path, mod in list(nnx.iter_modules(copy)):
-        if layer_kind(mod) is not None and (only is None or tuple(path) == only):
-            if not hasattr(mod, _TAG):  # a module reachable by two paths keeps the first
-                mod.__class__ = _recording_class(type(mod))
-                setattr(mod, _TAG, tuple(path))
-
-    def nnx_hook(mod, args, kwargs, call):
-        return hook(mod, getattr(mod, _TAG), layer_kind(mod), args, kwargs, call)
-
-    with _nnx_hook(nnx_hook):
-        return copy(x, **apply_kwargs)
-
-
-def outer_trace(tree: Any) -> Any:
-    """The trace of the first traced leaf of ``tree`` (the top-level trace), or None."""
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.core.Tracer):
-            return getattr(leaf, "_trace", None)
-    return None
-
-
-def check_not_lifted(x: Any, outer: Any, path: Path) -> None:
-    """Raise if ``x`` belongs to an inner trace (layer inside scan/vmap/remat/...)."""
-    trace = getattr(x, "_trace", None) if isinstance(x, jax.core.Tracer) else None
-    if outer is not None and trace is not None and trace is not outer:
-        raise NotImplementedError(
-            f"layer {path_name(path)!r} is called inside a lifted transform (nn.scan / nn.vmap "
-            "/ nn.remat / nnx.scan / nnx.vmap / nnx.remat / jax transforms inside the model); "
-            f"capturing its inputs is not supported. {SUPPORTED}, called directly in the "
-            "forward pass."
-        )
-
 
 # --------------------------------------------------------------------------- the model map
 
@@ -295,8 +171,7 @@ class _Recorder:
         check_not_lifted(x, self.outer, path)
         self.counts[path] = self.counts.get(path, 0) + 1
         if kind == "unsupported":
-            base = type(module).__mro__[1] if hasattr(module, _TAG) else type(module)
-            self.unsupported.setdefault(path, base.__name__)
+            self.unsupported.setdefault(path, recorded_base(module).__name__)
             return call()
         self.layers.setdefault(path, _layer_info(module, path, kind, x, self.params))
         self.active.add(path)
@@ -389,17 +264,11 @@ def discover_layers(
 
 
 __all__ = [
-    "SUPPORTED",
     "LayerInfo",
     "BNFollow",
     "InputShapeError",
     "ModelTrace",
     "trace_model",
     "discover_layers",
-    "intercepted_forward",
-    "layer_kind",
-    "is_nnx",
-    "outer_trace",
-    "check_not_lifted",
     "require_no_variables",
 ]
