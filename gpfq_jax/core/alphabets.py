@@ -43,6 +43,46 @@ _DEFAULT_PER_CHANNEL = {"int": True, "int_full": True, "zzs": False, "ls": False
 DEFAULT_SEARCH_GRID = tuple(float(2.0 ** (e / 4)) for e in range(-8, 9))
 
 
+def _checked_bits(bits: Any) -> int | str:
+    """2..8 (an integral number, not a bool) or "ternary" (also ``log2(3)``)."""
+    bad = ValueError(f"bits must be an integer in 2..8 or 'ternary', got {bits!r}")
+    if isinstance(bits, str):
+        if bits != "ternary":
+            raise bad
+        return bits
+    if isinstance(bits, bool | np.bool_) or not isinstance(
+        bits, int | float | np.integer | np.floating
+    ):
+        raise bad
+    if math.isclose(float(bits), math.log2(3)):
+        return "ternary"
+    if not float(bits).is_integer() or not 2 <= int(bits) <= 8:
+        raise bad
+    return int(bits)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    try:
+        ok = value in allowed
+    except TypeError:  # unhashable or uncomparable
+        ok = False
+    if not ok or isinstance(value, bool | np.bool_):
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+def _checked_real(name: str, value: Any, *, positive: bool) -> float:
+    """A finite real number (not a bool); > 0 if ``positive``, else >= 0."""
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """What to quantize to.
@@ -75,31 +115,21 @@ class QuantSpec:
     search_grid: tuple[float, ...] = DEFAULT_SEARCH_GRID
 
     def __post_init__(self):
-        bits = self.bits
-        if isinstance(bits, str):
-            if bits != "ternary":
-                raise ValueError(f"bits must be an integer in 2..8 or 'ternary', got {bits!r}")
-        elif isinstance(bits, float) and math.isclose(bits, math.log2(3)):
-            object.__setattr__(self, "bits", "ternary")
-        elif isinstance(bits, bool) or not float(bits).is_integer() or not 2 <= int(bits) <= 8:
-            raise ValueError(f"bits must be an integer in 2..8 or 'ternary', got {bits!r}")
-        else:
-            object.__setattr__(self, "bits", int(bits))
-        if self.grid not in GRIDS:
-            raise ValueError(f"unknown grid {self.grid!r}; expected one of {GRIDS}")
-        if self.scale is not None and self.scale not in SCALE_RULES:
-            raise ValueError(f"unknown scale rule {self.scale!r}; expected one of {SCALE_RULES}")
-        if not (math.isfinite(self.c) and self.c > 0):
-            raise ValueError(f"c must be a positive finite number, got {self.c!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {self.rounding!r}; expected one of {ROUNDINGS}")
-        if self.sparsity not in SPARSITIES:
-            raise ValueError(f"unknown sparsity {self.sparsity!r}; expected one of {SPARSITIES}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
-        object.__setattr__(self, "search_grid", tuple(float(g) for g in self.search_grid))
-        if not self.search_grid or min(self.search_grid) <= 0:
+        object.__setattr__(self, "bits", _checked_bits(self.bits))
+        for name, allowed in (("grid", GRIDS), ("rounding", ROUNDINGS)):
+            _check_choice(name, getattr(self, name), allowed)
+        _check_choice("scale", self.scale, (None, *SCALE_RULES))
+        _check_choice("sparsity", self.sparsity, SPARSITIES)
+        object.__setattr__(self, "c", _checked_real("c", self.c, positive=True))
+        object.__setattr__(self, "lam", _checked_real("lam", self.lam, positive=False))
+        if self.per_channel is not None and not isinstance(self.per_channel, bool | np.bool_):
+            raise TypeError(f"per_channel must be True, False or None, got {self.per_channel!r}")
+        if isinstance(self.search_grid, str | bytes) or not hasattr(self.search_grid, "__iter__"):
+            raise TypeError(f"search_grid must be a sequence of numbers, got {self.search_grid!r}")
+        grid = tuple(_checked_real("search_grid entry", g, positive=True) for g in self.search_grid)
+        if not grid:
             raise ValueError("search_grid must be a non-empty sequence of positive multipliers")
+        object.__setattr__(self, "search_grid", grid)
 
     def to_dict(self) -> dict:
         """The fields as given (JSON-friendly); ``QuantSpec(**spec.to_dict()) == spec``."""

@@ -22,7 +22,7 @@ import numpy as np
 from gpfq_jax.core.alphabets import QuantSpec, as_spec, dequantize, describe, int_dtype, step_size
 from gpfq_jax.core.gpfq import gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
-from gpfq_jax.core.numerics import check_finite
+from gpfq_jax.core.numerics import check_finite, max_abs, pow2_normalizer
 from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms
 from gpfq_jax.core.patches import grouped_kernel, ungrouped_kernel
 from gpfq_jax.core.rtn import rtn_codes
@@ -111,10 +111,37 @@ def _method_codes(
     )
 
 
-def _validate(kernel: jax.Array, stats: LayerStats, spec: QuantSpec, method: str, key) -> None:
-    """Raise ValueError for a kernel, statistics or options that cannot be quantized."""
-    if method not in METHODS:
+def _validate_options(method: Any, key: Any, damp: Any, block_size: Any, act_order: Any) -> None:
+    """Raise for options of the wrong type or value (before any work is done)."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if isinstance(damp, bool) or not isinstance(damp, int | float | np.integer | np.floating):
+        raise TypeError(f"damp must be a real number >= 0, got {damp!r}")
+    if not (math.isfinite(float(damp)) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0 (GPTQ's damping), got {damp!r}")
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int | np.integer)
+        or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    if not isinstance(act_order, bool | np.bool_):
+        raise TypeError(f"act_order must be True or False, got {act_order!r}")
+    if key is not None and not isinstance(key, jax.Array | np.ndarray):
+        raise TypeError(f"key must be a JAX PRNG key (jax.random.PRNGKey(...)), got {key!r}")
+
+
+def _validate(kernel: jax.Array, stats: LayerStats, spec: QuantSpec, method: str, key) -> None:
+    """Raise ValueError / TypeError for a kernel or statistics that cannot be quantized."""
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise TypeError(
+            f"kernel dtype {kernel.dtype} is not a floating type: quantize float weights "
+            "(cast them with .astype(jnp.float32) first)"
+        )
+    if not isinstance(stats, LayerStats):
+        raise TypeError(
+            f"stats must be LayerStats (see StatsAccumulator), got {type(stats).__name__}"
+        )
     if kernel.ndim < 2:
         raise ValueError(f"kernel must have at least 2 dims (in, out); got shape {kernel.shape}")
     groups, n = stats.groups, stats.features
@@ -190,6 +217,7 @@ def _search(
 def _assemble(
     kernel: jax.Array,
     mat: jax.Array,
+    kernel_scale: float,
     codes_g: jax.Array,
     err: jax.Array,
     ref: jax.Array,
@@ -198,10 +226,13 @@ def _assemble(
     method: str,
     start: float,
 ) -> LayerResult:
-    """The LayerResult of the chosen codes (g, N, n), errors and multipliers (g, n)."""
+    """The LayerResult of the chosen codes (g, N, n), errors and multipliers (g, n).
+
+    ``mat`` is the kernel matrix times ``kernel_scale``; the steps are divided by it (exact).
+    """
     dtype = err.dtype
     c_out = c_g.reshape(-1)
-    delta = step_size(mat, spec, c_out if spec.channelwise else c_out[0])
+    delta = step_size(mat, spec, c_out if spec.channelwise else c_out[0]) / kernel_scale
     codes = ungrouped_kernel(codes_g, mat.shape)
     q = dequantize(codes, delta, spec.alphabet.offset)
     rel = float(jnp.sqrt(err.sum() / jnp.maximum(ref.sum(), jnp.finfo(dtype).tiny)))
@@ -246,11 +277,15 @@ def quantize_from_stats(
         "auto" (all local devices) or None. The codes do not depend on the device count.
     """
     spec = as_spec(spec)
+    _validate_options(method, key, damp, block_size, act_order)
     kernel = jnp.asarray(kernel)
     _validate(kernel, stats, spec, method, key)
     start = time.perf_counter()
     dtype = stats.hess.dtype
-    mat = kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
+    # Exact power-of-two normalization (the accumulator applied the same one to its kernel):
+    # the work is done on kernel_scale * W and the steps are divided by it at the end.
+    kernel_scale = pow2_normalizer(max_abs(kernel))
+    mat = (kernel.reshape(-1, kernel.shape[-1]) * kernel_scale).astype(dtype)
     w_g = grouped_kernel(mat, stats.groups)
     uniform = None
     if spec.rounding == "stochastic":
@@ -273,7 +308,7 @@ def quantize_from_stats(
         )
     codes, err, c_g = _search(mat, w_g, stats, terms, spec, method, uniform, block_size, gptq, mesh)
     ref = terms.ref[..., : mat.shape[-1] // stats.groups]
-    return _assemble(kernel, mat, codes, err, ref, c_g, spec, method, start)
+    return _assemble(kernel, mat, kernel_scale, codes, err, ref, c_g, spec, method, start)
 
 
 def quantize_layer(
@@ -294,6 +329,11 @@ def quantize_layer(
     Returns: LayerResult with q, codes (shape of w), scale ((N_out,) or ()), rel_error.
     """
     w, x = jnp.asarray(w), jnp.asarray(x)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(
+            f"w dtype {w.dtype} is not a floating type: quantize float weights "
+            "(cast them with .astype(jnp.float32) first)"
+        )
     if w.ndim != 2:
         raise ValueError(f"w must be (N_in, N_out); got shape {tuple(w.shape)}")
     if x.ndim != 2 or x.shape[1] != w.shape[0]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.core.numerics import HIGHEST
+from gpfq_jax.core.numerics import HIGHEST, max_abs, pow2_normalizer
 from gpfq_jax.core.patches import (
     ConvGeometry,
     check_conv_input,
@@ -129,11 +129,16 @@ def accumulate(
 def stats_from_data(
     x: jax.Array, x_quant: jax.Array | None = None, dtype=jnp.float32
 ) -> LayerStats:
-    """Statistics of one Dense problem from whole data matrices x, x_quant (m, N)."""
+    """Statistics of one Dense problem from whole data matrices x, x_quant (m, N).
+
+    Inputs far outside float32's comfortable range are first multiplied by one exact power of
+    two (``pow2_normalizer``); the statistics are then those of the scaled rows.
+    """
+    scale = pow2_normalizer(max_abs(x, x_quant))
     return accumulate(
         init_stats(x.shape[-1], 1, dtype),
-        dense_rows(x),
-        None if x_quant is None else dense_rows(x_quant),
+        dense_rows(x * scale),
+        None if x_quant is None else dense_rows(x_quant * scale),
     )
 
 
@@ -149,6 +154,12 @@ class StatsAccumulator:
     parallel). With the layer's float ``kernel`` (Flax layout (..., cin/g, cout)) F is not
     accumulated: the result carries ||X w_j||^2 and ||(X - X~) w_j||^2 per neuron instead
     (``LayerStats.out_ref``, ``out_drift``), which is cheaper and enough to quantize that kernel.
+
+    Scale safety: inputs whose first batch lies far outside float32's comfortable range are
+    multiplied by one exact power of two, ``row_scale``, fixed at the first batch (the
+    statistics are those of ``row_scale * rows``); the kernel likewise by
+    ``pow2_normalizer(max |kernel|)``, the same factor ``quantize_from_stats`` applies. Ratios
+    (codes, relative errors) do not change.
     """
 
     def __init__(
@@ -177,6 +188,7 @@ class StatsAccumulator:
                     f"kernel shape {tuple(kernel.shape)} does not match {groups} "
                     f"group(s) of {features} input features"
                 )
+            kernel = kernel * pow2_normalizer(max_abs(kernel))
             self._w = grouped_kernel(kernel, groups).astype(dtype)
         self.stats = init_stats(
             features, groups, dtype, neurons=None if self._w is None else self._w.shape[-1]
@@ -184,6 +196,7 @@ class StatsAccumulator:
         self.patch_fraction = patch_fraction
         self._key = jax.random.PRNGKey(seed)
         self._batches = 0
+        self.row_scale: float | None = None  # fixed by the first batch
         self.mesh = resolve_mesh(mesh)
         if self.mesh is not None:
             self.stats = replicate(self.stats, self.mesh)
@@ -216,6 +229,10 @@ class StatsAccumulator:
         xq = x if x_quant is None else x_quant
         if tuple(x.shape) != tuple(xq.shape):
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
+        if self.row_scale is None:
+            self.row_scale = pow2_normalizer(max_abs(x, None if same else xq))
+        if self.row_scale != 1.0:  # exact: a power of two
+            x, xq = x * self.row_scale, xq * self.row_scale
         idx = self._kept_rows(x.shape)
         if idx is None:
             r = self.rows(x)
