@@ -27,7 +27,7 @@ _FLAX_NAMES = {
     "Rule": "gpfq_jax.flax.rules",
     "save_quantized": "gpfq_jax.flax.checkpoints",
     "load_quantized": "gpfq_jax.flax.checkpoints",
-    "size_report": "gpfq_jax.flax.checkpoints",
+    "size_report": "gpfq_jax.flax.sizes",
 }
 
 

@@ -6,10 +6,12 @@ of one framework), results, driver (``quantize_params``), checkpoints (``save_qu
 ``load_quantized`` / ``size_report``).
 """
 
-from gpfq_jax.flax.checkpoints import load_quantized, read_metadata, save_quantized, size_report
+from gpfq_jax.flax.checkpoint_format import read_metadata
+from gpfq_jax.flax.checkpoints import load_quantized, save_quantized
 from gpfq_jax.flax.driver import quantize_params
 from gpfq_jax.flax.results import LayerRecord, QuantizeResult
 from gpfq_jax.flax.rules import Rule
+from gpfq_jax.flax.sizes import size_report
 from gpfq_jax.flax.tracing import LayerInfo, discover_layers, trace_model
 
 __all__ = [

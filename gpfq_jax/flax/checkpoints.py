@@ -21,7 +21,6 @@ touches an existing one (``overwrite=True`` swaps it out only after the new one 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -36,12 +35,15 @@ from flax.core import FrozenDict, unfreeze
 
 from gpfq_jax.atomic import atomic_path, write_text_atomic
 from gpfq_jax.core.alphabets import dequantize, int_dtype
+from gpfq_jax.flax.checkpoint_format import (
+    ARRAYS,
+    META,
+    check_arrays,
+    read_metadata,
+    replaceable,
+    seal,
+)
 from gpfq_jax.flax.results import QuantizeResult
-
-FORMAT = "gpfq_jax.quantized/1"
-META = "gpfq_quantized.json"
-ARRAYS = "arrays"
-
 
 # --------------------------------------------------------------------------- tree helpers
 
@@ -54,7 +56,7 @@ def _key(k: Any) -> Any:
     raise TypeError(f"unsupported key path entry {k!r}")
 
 
-def _flatten(tree: Any) -> list[tuple[tuple, Any]]:
+def flatten_tree(tree: Any) -> list[tuple[tuple, Any]]:
     """(key path, leaf) pairs of a nested mapping of arrays (FrozenDict and dict alike)."""
     if isinstance(tree, FrozenDict):
         tree = unfreeze(tree)
@@ -72,13 +74,13 @@ def _unflatten(pairs: list[tuple[tuple, Any]]) -> dict:
     return out
 
 
-def _kernel_path(res_framework: str, layer_path: tuple) -> tuple:
+def kernel_path(res_framework: str, layer_path: tuple) -> tuple:
     return (
         ("params", *layer_path, "kernel") if res_framework == "linen" else (*layer_path, "kernel")
     )
 
 
-def _is_key(a: Any) -> bool:
+def is_prng_key(a: Any) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
@@ -94,15 +96,14 @@ def save_quantized(
     docstring). Returns the absolute path.
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    kernels = {_kernel_path(res.framework, r.path): r for r in res.layers}
+    _check_destination(path, overwrite)
+    kernels = {kernel_path(res.framework, r.path): r for r in res.layers}
     floats, codes, scales, leaves, layers = {}, {}, {}, [], []
-    for p, leaf in _flatten(res.variables):
+    for p, leaf in flatten_tree(res.variables):
         if p in kernels:
             continue
         entry = {"path": list(p), "index": len(floats)}
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             entry["prng_impl"] = str(jax.random.key_impl(leaf))
             leaf = jax.random.key_data(leaf)
         floats[str(len(floats))] = jnp.asarray(leaf)
@@ -128,8 +129,8 @@ def save_quantized(
                 "c": np.asarray(r.c, np.float64).tolist(),
             }
         )
+    arrays = {"codes": codes, "scales": scales, "float": floats}
     meta = {
-        "format": FORMAT,
         "framework": res.framework,
         "leaves": leaves,
         "layers": layers,
@@ -137,10 +138,27 @@ def save_quantized(
         "folded": [list(f) for f in res.folded],
     }
 
+    meta = seal(meta, arrays)
     with atomic_path(path, directory=True) as tmp:
-        _write_arrays(tmp / ARRAYS, {"codes": codes, "scales": scales, "float": floats})
+        _write_arrays(tmp / ARRAYS, arrays)
         write_text_atomic(tmp / META, json.dumps(meta, indent=1))
     return path
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a gpfq_jax checkpoint (and that only with overwrite)."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    why = replaceable(path)
+    if why:
+        raise FileExistsError(
+            f"{path} exists and is not a gpfq_jax quantized checkpoint ({why}); overwrite=True "
+            "only ever replaces a checkpoint written by save_quantized, so nothing was written"
+        )
 
 
 def _write_arrays(path: Path, tree: dict) -> None:
@@ -150,23 +168,22 @@ def _write_arrays(path: Path, tree: dict) -> None:
     ckpt.save(path, tree)
 
 
-def _restore(path: Path) -> dict:
-    """Restore an orbax tree onto the default device (arrays as saved)."""
+def restore_orbax(path: Path) -> dict:
+    """An orbax PyTree checkpoint's tree (arrays as saved, on the default device)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sharding info not provided")
         return ocp.PyTreeCheckpointer().restore(path)
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a quantized checkpoint."""
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a gpfq_jax quantized checkpoint (no {META})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    return meta
+def restore_arrays(path: Path) -> dict:
+    """The arrays of the quantized checkpoint at ``path`` (not yet checked: ``check_arrays``)."""
+    if not (path / ARRAYS).is_dir():
+        raise FileNotFoundError(f"{path}: the arrays folder {ARRAYS}/ is missing")
+    try:
+        return restore_orbax(path / ARRAYS)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path / ARRAYS}: cannot read the saved arrays ({type(e).__name__}: "
+                         f"{e}); the checkpoint is corrupt") from e  # fmt: skip
 
 
 def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> Any:
@@ -178,7 +195,8 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
     """
     path = Path(path).absolute()
     meta = read_metadata(path)
-    tree = _restore(path / ARRAYS)
+    tree = restore_arrays(path)
+    check_arrays(path, meta, tree)
     pairs = []
     for e in meta["leaves"]:
         leaf = jnp.asarray(tree["float"][str(e["index"])])
@@ -201,88 +219,13 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
     return copy
 
 
-# --------------------------------------------------------------------------- sizes
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-    )
-
-
-def _nbytes(a: Any) -> int:
-    if _is_key(a):
-        a = jax.random.key_data(a)
-    a = np.asarray(a) if not hasattr(a, "dtype") else a
-    return math.ceil(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize)
-
-
-def _float_bytes(float_variables: Any) -> tuple[int, int | None]:
-    """(in-memory bytes, on-disk bytes or None) of a float tree, NNX model or checkpoint dir."""
-    if isinstance(float_variables, str | os.PathLike):
-        p = Path(float_variables)
-        tree = _restore(p)
-        return sum(_nbytes(a) for _, a in _flatten(tree)), _dir_bytes(p)
-    if isinstance(float_variables, nnx.Module):
-        float_variables = nnx.to_pure_dict(nnx.state(float_variables))
-    return sum(_nbytes(a) for _, a in _flatten(float_variables)), None
-
-
-def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables: Any) -> dict:
-    """Float vs quantized sizes in bytes.
-
-    float_variables: the float variables tree, NNX model, or a float orbax checkpoint directory
-    (then its disk size is reported too). In memory, codes count at their storage bits
-    (``ceil(n * storage_bits / 8)`` per layer), plus scales and all non-quantized leaves.
-    On disk: the checkpoint directory's size when ``res_or_path`` is a path.
-    """
-    if isinstance(res_or_path, QuantizeResult):
-        res = res_or_path
-        kernels = {_kernel_path(res.framework, r.path) for r in res.layers}
-        other = sum(_nbytes(a) for p, a in _flatten(res.variables) if p not in kernels)
-        layer_sizes = [
-            (r.name, int(np.prod(r.shape)), r.storage_bits, _nbytes(r.scale)) for r in res.layers
-        ]
-        disk = None
-    else:
-        path = Path(res_or_path)
-        meta = read_metadata(path)
-        tree = _restore(path / ARRAYS)
-        other = sum(_nbytes(a) for k, a in tree["float"].items() if k != "_")
-        layer_sizes = [
-            (
-                lay["name"],
-                int(np.prod(lay["shape"])),
-                lay["storage_bits"],
-                _nbytes(tree["scales"][str(i)]),
-            )
-            for i, lay in enumerate(meta["layers"])
-        ]
-        disk = _dir_bytes(path)
-    codes = sum(math.ceil(n * bits / 8) for _, n, bits, _ in layer_sizes)
-    scales = sum(s for *_, s in layer_sizes)
-    float_mem, float_disk = _float_bytes(float_variables)
-    quant_mem = codes + scales + other
-    return {
-        "float_bytes": float_mem,
-        "quantized_bytes": quant_mem,
-        "codes_bytes": codes,
-        "scales_bytes": scales,
-        "other_bytes": other,
-        "ratio": float_mem / max(quant_mem, 1),
-        "float_disk_bytes": float_disk,
-        "quantized_disk_bytes": disk,
-        "layers": [
-            {
-                "layer": n,
-                "params": k,
-                "storage_bits": b,
-                "codes_bytes": math.ceil(k * b / 8),
-                "scale_bytes": s,
-            }
-            for n, k, b, s in layer_sizes
-        ],
-    }
-
-
-__all__ = ["save_quantized", "load_quantized", "size_report", "read_metadata"]
+__all__ = [
+    "save_quantized",
+    "load_quantized",
+    "read_metadata",
+    "restore_arrays",
+    "restore_orbax",
+    "flatten_tree",
+    "kernel_path",
+    "is_prng_key",
+]
