@@ -14,15 +14,18 @@ exact. The fold is computed in float64 and cast back to each variable's dtype.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpfq_jax.flax.paths import get_in, module_at, replace_in
-from gpfq_jax.flax.tracing import BNFollow
+from gpfq_jax.flax.paths import get_in, module_at, path_name, replace_in
+from gpfq_jax.flax.rules import LayerPlan
+from gpfq_jax.flax.tracing import BNFollow, LayerInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +155,65 @@ def fold_nnx(model: nnx.Module, pairs: Sequence[BNFollow]) -> None:
                 var.set_value(jnp.asarray(val))
 
 
+def fold_batchnorms(
+    target: Any,
+    follows: list[BNFollow],
+    layers: list[LayerInfo],
+    plans: list[LayerPlan],
+    batch: Any,
+) -> list[tuple[str, str]]:
+    """Fold the foldable BN pairs of quantized layers into the target's float model.
+
+    ``target`` is a ``gpfq_jax.flax.targets.Target``. Pairs that cannot be folded are left (with
+    a warning naming them); the float model's outputs on ``batch`` are compared before and
+    after, and a fold that changes them (the pre-BN output used elsewhere) raises ValueError
+    naming the pair. Returns the folded (layer, BatchNorm) name pairs.
+    """
+    quantized = {layer.path for layer, plan in zip(layers, plans) if not plan.skip}
+    pairs = []
+    for p in follows:
+        if p.path not in quantized:
+            continue
+        if not p.foldable:
+            warnings.warn(
+                f"not folding BatchNorm {path_name(p.bn_path)!r} into "
+                f"{path_name(p.path)!r}: {p.reason}",
+                stacklevel=3,
+            )
+            continue
+        pairs.append(p)
+    if not pairs:
+        return []
+    before = target.forward(batch)
+    target.fold(pairs)
+    bad = _changed_outputs(before, target.forward(batch))
+    if bad:
+        culprits = [p for p in pairs if _changed_outputs(before, target.forward(batch, fold=[p]))]
+        names = ", ".join(f"{path_name(p.path)} -> {path_name(p.bn_path)}" for p in culprits) or "?"
+        raise ValueError(
+            f"folding BatchNorm changed the float model's outputs (relative "
+            f"difference {bad:.2e}) for: {names}; the layer's pre-BatchNorm output "
+            "is probably used elsewhere too. Pass fold_batchnorm=False."
+        )
+    return [(path_name(p.path), path_name(p.bn_path)) for p in pairs]
+
+
+def _changed_outputs(a: Any, b: Any) -> float:
+    """Largest relative output difference if above the dtype's tolerance, else 0."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        denom = max(float(np.abs(x64).max(initial=0.0)), 1e-30)
+        rel = float(np.abs(x64 - y64).max(initial=0.0)) / denom
+        if rel > max(1e-3, 16 * float(jnp.finfo(x.dtype).eps)):
+            worst = max(worst, rel)
+    return worst
+
+
 __all__ = [
+    "fold_batchnorms",
     "Folded",
     "identity_var",
     "fold_arrays",

@@ -72,6 +72,9 @@ def _check_batch(b: Any, i: int, first: tuple[int, ...], start: int, where: str 
         )
     if b.shape[0] == 0:
         raise ValueError(f"empty calibration data: batch {i}{where} has 0 samples")
+    if not (jnp.issubdtype(b.dtype, jnp.floating) or jnp.issubdtype(b.dtype, jnp.integer)):
+        raise TypeError(f"calibration batch {i}{where} has dtype {b.dtype}; expected real "
+                        "numbers (float or integer inputs)")  # fmt: skip
     if jnp.issubdtype(b.dtype, jnp.inexact):
         bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
         if bad.any():
@@ -81,6 +84,17 @@ def _check_batch(b: Any, i: int, first: tuple[int, ...], start: int, where: str 
                 f"sample(s) of batch {i}{where}, first at sample {start + j}"
             )
     return int(b.shape[0])
+
+
+def fingerprint(batch: Any) -> tuple[float, float]:
+    """A cheap content fingerprint: the float64 sum and a position-weighted sum of ``batch``.
+
+    Equal batches give equal fingerprints; a batch with other samples, other values or its
+    samples in another order gives different ones (up to a float coincidence).
+    """
+    flat = np.asarray(batch, np.float64).reshape(-1)
+    weights = (np.arange(flat.size) % 7) + 1.0
+    return float(flat.sum()), float(flat @ weights)
 
 
 class Calibration:
@@ -101,6 +115,7 @@ class Calibration:
         self._pending: Iterator[Any] | None = None
         self.calls = 0
         self._counts: tuple[int, int] | None = None  # (batches, samples) of the first pass
+        self._prints: list[tuple[float, float]] = []  # fingerprint of each batch of pass 1
         if callable(calib) and not _is_array(calib):
             self._factory = calib
             self._pending = self._open()
@@ -125,6 +140,18 @@ class Calibration:
                 f"calib() must return an iterable of batches (arrays); got {type(source).__name__}"
             ) from None
 
+    def _check_same(self, i: int, batch: Any, n_pass: int) -> None:
+        """Record batch ``i``'s fingerprint on the first pass; compare on every later one."""
+        fp = fingerprint(batch)
+        if self._counts is None:
+            self._prints.append(fp)
+        elif i >= len(self._prints) or fp != self._prints[i]:
+            raise ValueError(
+                f"calib() yielded a different batch {i} on pass {n_pass} than on pass 1 (its "
+                "contents changed); it must yield the same batches in the same order on every "
+                "call, or each layer would be calibrated on other data (seed its sampling)"
+            )
+
     def __iter__(self) -> Iterator[Any]:
         """One pass over the batches."""
         if self._batches is not None:
@@ -135,6 +162,7 @@ class Calibration:
         where = f" (pass {n_pass} of calib())"
         for i, b in enumerate(it):
             start += _check_batch(b, i, self._shape, start, where)
+            self._check_same(i, b, n_pass)
             yield b
         counts = (i + 1, start)
         if self._counts is None:
@@ -147,4 +175,4 @@ class Calibration:
             )
 
 
-__all__ = ["Calibration", "calibration_batches"]
+__all__ = ["Calibration", "calibration_batches", "fingerprint"]

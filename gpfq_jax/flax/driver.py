@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,14 +26,15 @@ from tqdm.auto import tqdm
 
 from gpfq_jax.core.alphabets import QuantSpec, dequantize
 from gpfq_jax.core.layer import quantize_from_stats
+from gpfq_jax.core.numerics import max_abs
 from gpfq_jax.core.sharding import replicate, resolve_mesh
 from gpfq_jax.core.stats import StatsAccumulator
+from gpfq_jax.flax.bn_fold import fold_batchnorms
 from gpfq_jax.flax.calibration import Calibration
-from gpfq_jax.flax.paths import path_name
 from gpfq_jax.flax.results import LayerRecord, QuantizeResult
 from gpfq_jax.flax.rules import LayerPlan, plan_layers
 from gpfq_jax.flax.targets import Target, make_target
-from gpfq_jax.flax.tracing import BNFollow, InputShapeError, LayerInfo, ModelTrace, trace_model
+from gpfq_jax.flax.tracing import InputShapeError, LayerInfo, ModelTrace, trace_model
 
 
 def default_apply_kwargs(model: Any) -> dict:
@@ -107,6 +107,10 @@ def quantize_params(
     Returns: QuantizeResult.
     """
     start = time.perf_counter()
+    _check_options(
+        fold_batchnorm=fold_batchnorm, bias_correction=bias_correction, progress=progress,
+        act_order=act_order, seed=seed, patch_fraction=patch_fraction, apply_kwargs=apply_kwargs,
+    )  # fmt: skip
     _check_stats_dtype(stats_dtype)
     mesh = resolve_mesh(mesh)
     batches = Calibration(calib, batch_size)
@@ -117,7 +121,7 @@ def quantize_params(
     plans = plan_layers([layer.name for layer in trace.layers], rules, spec, method)
     folded = []
     if fold_batchnorm:
-        folded = _fold(target, trace.bn_follows, trace.layers, plans, batches.first)
+        folded = fold_batchnorms(target, trace.bn_follows, trace.layers, plans, batches.first)
     records, skipped = _quantize_layers(
         target, trace.layers, plans, batches, progress=progress,
         key=jax.random.PRNGKey(seed) if key is None else key, seed=seed,
@@ -174,6 +178,21 @@ def _quantize_layers(
     return records, skipped
 
 
+def _check_options(*, seed: Any, patch_fraction: Any, apply_kwargs: Any, **flags: Any) -> None:
+    """Flags take booleans, ``seed`` an integer, ``patch_fraction`` a number in (0, 1]."""
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if isinstance(patch_fraction, bool) or not isinstance(patch_fraction, int | float):
+        raise TypeError(f"patch_fraction must be a number in (0, 1], got {patch_fraction!r}")
+    if not 0 < patch_fraction <= 1:
+        raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction!r}")
+    if apply_kwargs is not None and not isinstance(apply_kwargs, dict):
+        raise TypeError(f"apply_kwargs must be a dict or None, got {type(apply_kwargs).__name__}")
+
+
 def _check_stats_dtype(dtype: Any) -> None:
     """float32 or float64 (the latter only with 64-bit JAX enabled)."""
     dt = jnp.dtype(dtype)
@@ -220,57 +239,6 @@ def _checked_trace(target: Target, batch: Any) -> ModelTrace:
             f"{batch.dtype}, apply_kwargs={target.kwargs}) failed; check the "
             f"input shape. {type(e).__name__}: {e}"
         ) from e
-
-
-def _fold(
-    target: Target,
-    follows: list[BNFollow],
-    layers: list[LayerInfo],
-    plans: list[LayerPlan],
-    batch: Any,
-) -> list[tuple[str, str]]:
-    """Fold the foldable BN pairs of quantized layers into the float model; check outputs."""
-    quantized = {layer.path for layer, plan in zip(layers, plans) if not plan.skip}
-    pairs = []
-    for p in follows:
-        if p.path not in quantized:
-            continue
-        if not p.foldable:
-            warnings.warn(
-                f"not folding BatchNorm {path_name(p.bn_path)!r} into "
-                f"{path_name(p.path)!r}: {p.reason}",
-                stacklevel=3,
-            )
-            continue
-        pairs.append(p)
-    if not pairs:
-        return []
-    before = target.forward(batch)
-    target.fold(pairs)
-    bad = _changed_outputs(before, target.forward(batch))
-    if bad:
-        culprits = [p for p in pairs if _changed_outputs(before, target.forward(batch, fold=[p]))]
-        names = ", ".join(f"{path_name(p.path)} -> {path_name(p.bn_path)}" for p in culprits) or "?"
-        raise ValueError(
-            f"folding BatchNorm changed the float model's outputs (relative "
-            f"difference {bad:.2e}) for: {names}; the layer's pre-BatchNorm output "
-            "is probably used elsewhere too. Pass fold_batchnorm=False."
-        )
-    return [(path_name(p.path), path_name(p.bn_path)) for p in pairs]
-
-
-def _changed_outputs(a: Any, b: Any) -> float:
-    """Largest relative output difference if above the dtype's tolerance, else 0."""
-    worst = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            continue
-        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        denom = max(float(np.abs(x64).max(initial=0.0)), 1e-30)
-        rel = float(np.abs(x64 - y64).max(initial=0.0)) / denom
-        if rel > max(1e-3, 16 * float(jnp.finfo(x.dtype).eps)):
-            worst = max(worst, rel)
-    return worst
 
 
 def _accumulate(
@@ -348,7 +316,17 @@ def _quantize_layer(
         target, layer, acc, batches, changed=changed, input_means=correct, mesh=mesh
     )
     t0 = time.perf_counter()
-    r = quantize_from_stats(kernel, acc.result(), plan.spec, plan.method, mesh=mesh, **quant_kwargs)
+    try:
+        r = quantize_from_stats(
+            kernel, acc.result(), plan.spec, plan.method, mesh=mesh, **quant_kwargs
+        )
+    except (ValueError, TypeError) as e:  # name the layer and, for NaN/Inf, the likely cause
+        hint = ""
+        if "NaN or Inf" in str(e):
+            hint = (f" (the layer's inputs reached {max_abs(acc.stats.hess):.3g} in the "
+                    f"statistics: a {jnp.dtype(stats_dtype).name} overflow, or NaN/Inf inputs "
+                    "from earlier layers; check the calibration data's scale)")  # fmt: skip
+        raise type(e)(f"layer {layer.name!r}: {e}{hint}") from e
     q = jax.block_until_ready(dequantize(r.codes, r.step, r.offset, kernel.dtype))
     record.quant_seconds = time.perf_counter() - t0
     record.result = r

@@ -35,6 +35,20 @@ class Rule:
     def __post_init__(self):
         if not isinstance(self.pattern, str):
             raise TypeError(f"rule pattern must be a string, got {type(self.pattern).__name__}")
+        if not isinstance(self.skip, bool):
+            raise TypeError(f"rule {self.pattern!r}: skip must be True or False, got {self.skip!r}")
+        if isinstance(self.spec, Mapping):
+            unknown = set(self.spec) - {f.name for f in dataclasses.fields(QuantSpec)}
+            if unknown:
+                raise ValueError(f"rule {self.pattern!r}: spec has unknown fields "
+                                 f"{sorted(unknown)}")  # fmt: skip
+        try:  # the bits and spec overrides must make a valid spec on their own
+            if self.bits is not None:
+                QuantSpec(bits=self.bits)
+            if isinstance(self.spec, Mapping):
+                dataclasses.replace(QuantSpec(), **dict(self.spec))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"rule {self.pattern!r}: {e}") from e
         try:
             re.compile(self.pattern)
         except re.error as e:
@@ -79,11 +93,15 @@ def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
             f"a rule must be a Rule, tuple or dict, got the string {rule!r}; "
             f"use Rule({rule!r}, skip=True) or similar"
         )
-    if isinstance(rule, Mapping):
-        return Rule(**rule)
-    if isinstance(rule, Sequence):
-        return Rule(*rule)
-    raise TypeError(f"a rule must be a Rule, tuple or dict, got {type(rule).__name__}")
+    if not isinstance(rule, Mapping | Sequence):
+        raise TypeError(f"a rule must be a Rule, tuple or dict, got {type(rule).__name__}")
+    try:
+        return Rule(**rule) if isinstance(rule, Mapping) else Rule(*rule)
+    except TypeError as e:
+        if "argument" not in str(e):  # Rule's own messages already name the rule
+            raise
+        raise TypeError(f"rule {rule!r} does not fit Rule(pattern, skip, spec, method, bits): "
+                        f"{e}") from e  # fmt: skip
 
 
 def plan_layers(
@@ -94,9 +112,19 @@ def plan_layers(
     Raises ValueError naming the pattern and listing the layer names if a rule matches no layer.
     """
     base = as_spec(spec)
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if isinstance(rules, Rule | str | Mapping) or (
+        rules is not None and not isinstance(rules, list | tuple)
+    ):
+        raise TypeError(
+            f"rules must be a list of Rule (or tuples / dicts), got {type(rules).__name__} "
+            f"{rules!r}; wrap a single rule in a list: rules=[Rule(...)]"
+        )
     parsed = [as_rule(r) for r in (rules or ())]
+    if not names:
+        raise ValueError("the model has no quantizable layer (Dense / nnx.Linear / Conv / "
+                         "nnx.Conv) in its forward pass")  # fmt: skip
     for r in parsed:
         if not any(re.search(r.pattern, n) for n in names):
             raise ValueError(
