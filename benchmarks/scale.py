@@ -354,6 +354,7 @@ def worker_resnet18(cfg: dict) -> dict:
     """ResNet-18 end to end (or a 2-stage ResNet in the smoke run)."""
     import jax.numpy as jnp
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: repo root
     from experiments import imagenet_models as im
 
     t0 = time.perf_counter()
