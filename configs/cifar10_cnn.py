@@ -6,11 +6,11 @@ Epoch count sized for ~30 minutes on 2 CPU cores; raise --config.num_epochs for 
 
 import ml_collections
 
-from experiments.config_defaults import experiment
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return experiment(
+    return default.experiment(
         "cifar10",  # "cifar10_exact" for the 4000/1000 exact subset
         "cifar_cnn",
         # dropout lighter than the JMLR rates (0.2, 0.3, 0.4; 0.5) for the short CPU schedule

@@ -8,11 +8,11 @@ then resumed in the same workdir with --config.num_epochs=7 (a cosine warm resta
 
 import ml_collections
 
-from experiments.config_defaults import experiment
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return experiment(
+    return default.experiment(
         "cifar10",  # "cifar10_exact" for the 4000/1000 exact subset
         "resnet20",
         {"widths": (16, 32, 64), "blocks": 3},

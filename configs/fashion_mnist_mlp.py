@@ -5,12 +5,12 @@ python train.py --config=configs/fashion_mnist_mlp.py --workdir=workdirs/fashion
 
 import ml_collections
 
-from experiments.config_defaults import experiment
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
     # data: $GPFQ_DATA_DIR, then /usr/share/datasets/fashion-mnist (Debian package)
-    return experiment(
+    return default.experiment(
         "fashion_mnist",
         "mlp",
         {"features": (500, 300)},

@@ -8,14 +8,14 @@ ImageNet-shape timing with random weights: ``python benchmarks/scale.py``. Libra
 ``experiments.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
 
 ImageNet is not available on this machine; how to provide it and weights (a Flax checkpoint
-for ``experiments.imagenet_models.ResNet18``): ``experiments.config_defaults.imagenet``.
+for ``experiments.imagenet_models.ResNet18``): ``configs.default.imagenet``.
 """
 
 import ml_collections
 
-from experiments.config_defaults import imagenet
+from configs import default
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """``variant``: "" (the paper's setting) or "quick" (256 calibration images)."""
-    return imagenet("resnet18", {}, variant, zzs_c=1.16)  # SIMODS code's zzs constant
+    return default.imagenet("resnet18", {}, variant, zzs_c=1.16)  # SIMODS code's zzs constant

@@ -8,19 +8,19 @@ ImageNet-shape timing with random weights: ``python benchmarks/scale.py``. Libra
 ``experiments.imagenet_models`` + ``gpfq_jax.quantize_params`` on your own images and weights.
 
 ImageNet is not available on this machine; how to provide it and weights (a Flax checkpoint
-for ``experiments.imagenet_models.VGG16``): ``experiments.config_defaults.imagenet``.
+for ``experiments.imagenet_models.VGG16``): ``configs.default.imagenet``.
 classifier_0's rows must be permuted from torchvision's (C, H, W) flatten order to (H, W, C).
 """
 
 import ml_collections
 
-from experiments.config_defaults import imagenet
+from configs import default
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """``variant``: "" (the paper's setting) or "quick" (256 calibration images)."""
     # classifier_0 has 25088 inputs: H, G, F take 2.5 GB each, hence smaller batches.
-    return imagenet(
+    return default.imagenet(
         "vgg16",
         {"use_bn": False},
         variant,

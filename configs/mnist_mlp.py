@@ -5,11 +5,11 @@ python train.py --config=configs/mnist_mlp.py --workdir=workdirs/mnist_mlp
 
 import ml_collections
 
-from experiments.config_defaults import experiment
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return experiment(
+    return default.experiment(
         "mnist",
         "mlp",
         {"features": (500, 300)},
