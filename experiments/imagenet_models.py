@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import models as _models
+from gpfq_jax.flax.intercept import intercepted_forward
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -297,16 +298,38 @@ def init_variables(
     tests.
     """
     x0 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    momenta: dict[tuple[str, ...], float] = {}  # BatchNorm path -> momentum
-
-    def record_bn(next_fun: Callable, args: Any, kwargs: Any, context: Any) -> Any:
-        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
-            momenta[tuple(str(k) for k in context.module.path)] = context.module.momentum
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record_bn):
-        abstract = jax.eval_shape(lambda xb: model.init(jax.random.key(0), xb, train=False), x0)
+    abstract = jax.eval_shape(lambda xb: model.init(jax.random.key(0), xb, train=False), x0)
+    momenta = _bn_momenta(model, abstract, x0)
     rng = np.random.default_rng(seed)
+    params = _draw_params(abstract["params"], momenta, rng)
+    if "batch_stats" not in abstract:
+        return {"params": params}
+    if stats_images <= 0:
+        return {"params": params, "batch_stats": _draw_batch_stats(abstract["batch_stats"], rng)}
+    x = jnp.asarray(synthetic_images(stats_images, size, seed + 1))
+    stats = _measured_batch_stats(model, params, abstract["batch_stats"], momenta, x, seed)
+    return {"params": params, "batch_stats": stats}
+
+
+def _bn_momenta(model: nn.Module, abstract: Any, x0: jax.ShapeDtypeStruct) -> dict:
+    """BatchNorm module path -> its momentum, seen in one abstract forward pass."""
+    momenta: dict[tuple[str, ...], float] = {}
+
+    def record_bn(module, path, kind, args, kwargs, call):
+        if kind == "bn":
+            momenta[tuple(str(k) for k in path)] = module.momentum
+        return call()
+
+    jax.eval_shape(
+        lambda v, xb: intercepted_forward(model, None, v, xb, {"train": False}, record_bn),
+        abstract,
+        x0,
+    )
+    return momenta
+
+
+def _draw_params(abstract_params: Any, momenta: dict, rng: np.random.Generator) -> Any:
+    """Random params of the shapes of ``abstract_params`` (see :func:`init_variables`)."""
 
     def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         names, shape = _leaf_names(path), leaf.shape
@@ -324,29 +347,30 @@ def init_variables(
             v = np.zeros(shape)
         return jnp.asarray(v, leaf.dtype)
 
-    params = jax.tree_util.tree_map_with_path(draw, abstract["params"])
-    if "batch_stats" not in abstract:
-        return {"params": params}
+    return jax.tree_util.tree_map_with_path(draw, abstract_params)
 
-    if stats_images <= 0:
-        stats = jax.tree_util.tree_map_with_path(
-            lambda p, a: jnp.asarray(
-                rng.uniform(0.5, 2.0, a.shape)
-                if p[-1].key == "var"
-                else rng.normal(0.0, 0.1, a.shape),
-                a.dtype,
-            ),
-            abstract["batch_stats"],
-        )
-        return {"params": params, "batch_stats": stats}
 
+def _draw_batch_stats(abstract_stats: Any, rng: np.random.Generator) -> Any:
+    """Random running statistics: means ~ N(0, 0.1^2), variances ~ U(0.5, 2)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.asarray(
+            rng.uniform(0.5, 2.0, a.shape) if p[-1].key == "var" else rng.normal(0.0, 0.1, a.shape),
+            a.dtype,
+        ),
+        abstract_stats,
+    )
+
+
+def _measured_batch_stats(
+    model: nn.Module, params: Any, abstract_stats: Any, momenta: dict, x: jax.Array, seed: int
+) -> Any:
+    """The batch mean and variance each BatchNorm sees in one train-mode pass over ``x``."""
     # One train-mode pass from running stats (mean 0, var 1). Flax stores
     # ra = m * ra_old + (1 - m) * batch, so batch = (ra - m * ra_old) / (1 - m).
     old = jax.tree_util.tree_map_with_path(
         lambda p, a: jnp.full(a.shape, 1.0 if p[-1].key == "var" else 0.0, a.dtype),
-        abstract["batch_stats"],
+        abstract_stats,
     )
-    x = jnp.asarray(synthetic_images(stats_images, size, seed + 1))
     train_pass = jax.jit(
         lambda v, xb: model.apply(
             v, xb, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
@@ -359,8 +383,7 @@ def init_variables(
         v = (new - m * prev) / (1.0 - m)
         return jnp.maximum(v, 1e-5) if path[-1].key == "var" else v
 
-    stats = jax.tree_util.tree_map_with_path(batch_stat, upd["batch_stats"], old)
-    return {"params": params, "batch_stats": stats}
+    return jax.tree_util.tree_map_with_path(batch_stat, upd["batch_stats"], old)
 
 
 # Register in the shared model registry so experiments.models.create_model("resnet18") works

@@ -1,22 +1,15 @@
-"""Reusable training pieces: train state, optimizer, steps, evaluation, checkpoints.
+"""Training a float model: train state, optimizer, step, evaluation, and the loop.
 
-Images are NHWC. The training loop itself lives in ``train.py``; ``quantize.py`` uses
-:func:`evaluate` and :func:`load_float_variables`.
-
-Checkpoint layout inside a workdir::
-
-    workdir/checkpoints/<epoch>/   orbax CheckpointManager; {params, batch_stats, opt_state,
-                                   step, epoch}, the last few epochs kept
-    workdir/float/                 orbax StandardCheckpointer; {params, batch_stats}
+``train_and_evaluate(config, workdir)`` is what ``train.py`` runs; ``quantize.py`` uses
+:func:`evaluate`. Images are NHWC. Checkpoints: ``experiments.checkpoints``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+from absl import logging
 from flax.training import train_state
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from experiments import checkpoints as ckpt
+from experiments import data, paths
+from experiments.models import create_model
+from gpfq_jax.atomic import write_json_atomic
 
 __all__ = [
-    "write_text_atomic",
     "TrainState",
-    "make_optimizer",
     "create_train_state",
-    "train_step",
     "evaluate",
-    "augment_crop_flip",
-    "checkpoint_manager",
-    "save_train_checkpoint",
-    "restore_train_checkpoint",
-    "save_float_variables",
-    "load_float_variables",
-    "write_json_atomic",
+    "make_optimizer",
+    "train_and_evaluate",
+    "train_step",
 ]
 
 PyTree = Any
-FLOAT_DIR = "float"
-CKPT_DIR = "checkpoints"
 
 
 class TrainState(train_state.TrainState):
@@ -181,136 +172,206 @@ def evaluate(
     return correct / n
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- the loop
 
 
-def augment_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Random crop with ``pad``-pixel zero padding plus random horizontal flip.
+def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train ``config``'s model, checkpointing each epoch into ``workdir``; returns the summary.
 
-    x: (B, H, W, C) (any dtype); returns the same shape and dtype.
+    Writes ``checkpoints/`` (resumed from when present), ``metrics.json`` (one dict per
+    epoch), ``float/`` and ``train_summary.json`` into ``workdir`` (see ``train.py``).
     """
-    b, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy = rng.integers(0, 2 * pad + 1, size=b)
-    dx = rng.integers(0, 2 * pad + 1, size=b)
-    rows = dy[:, None] + np.arange(h)[None, :]  # (B, H)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (B, W)
-    flip = rng.random(b) < 0.5
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    bi = np.arange(b)[:, None, None]
-    return padded[bi, rows[:, :, None], cols[:, None, :]]
+    t_start = time.time()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ds = data.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        seed=config.seed,
+        limit_train=config.limit_train,
+    )
+    logging.info("%r", ds)
+    model = create_model(config.model.name, **config.model.kwargs.to_dict())
+    state, dropout_rng = initial_state(config, model, ds)
+    mngr = ckpt.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep)
+    state, start_epoch = ckpt.restore_train_checkpoint(mngr, state)
+    if start_epoch:
+        logging.info("resumed from %s at epoch %d", mngr.directory, start_epoch)
+    metrics_path = workdir / "metrics.json"
+    history = read_metrics(metrics_path, start_epoch)
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        state, record = run_epoch(config, model, ds, state, epoch, dropout_rng)
+        ckpt.save_train_checkpoint(mngr, state, epoch)
+        history.append(record)
+        write_json_atomic(metrics_path, history)
+    mngr.close()
+    if history and history[-1]["epoch"] == config.num_epochs:
+        final = {k: history[-1][k] for k in ("val_accuracy", "test_accuracy") if k in history[-1]}
+    else:
+        final = evaluate_splits(config, model, ds, state)
+    float_path = ckpt.save_float_variables(workdir, variables_of(state))
+    summary = train_summary(
+        config, ds, state, history, start_epoch, final, time.time() - t_start, workdir
+    )
+    write_json_atomic(workdir / "train_summary.json", summary)
+    logging.info(
+        "done: test %.4f val %s -> %s",
+        summary["test_accuracy"],
+        summary["val_accuracy"],
+        float_path,
+    )
+    return summary
 
 
-# --------------------------------------------------------------------------- checkpoints
+def epoch_size(config: ConfigDict, n_train: int) -> tuple[int, int]:
+    """(batch size, steps per epoch): full batches only, at most one batch of all images."""
+    batch_size = min(config.batch_size, n_train)
+    return batch_size, n_train // batch_size
 
 
-def checkpoint_manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """CheckpointManager over ``workdir/checkpoints`` keeping the last ``max_to_keep`` epochs."""
-    path = Path(workdir).resolve() / CKPT_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(path, options=options)
+def initial_state(
+    config: ConfigDict, model: nn.Module, ds: data.Dataset
+) -> tuple[TrainState, jax.Array]:
+    """The freshly initialised train state (optimizer scheduled over the whole run) and the
+    base dropout key, both from ``config.seed``."""
+    _, steps_per_epoch = epoch_size(config, len(ds.x_train))
+    tx = make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        config.weight_decay,
+        total_steps=config.num_epochs * steps_per_epoch,
+        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        momentum=config.momentum,
+    )
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    state = create_train_state(model, init_rng, (1, *ds.x_train.shape[1:]), tx)
+    return state, dropout_rng
 
 
-def _train_tree(state: TrainState, epoch: int) -> dict[str, PyTree]:
-    return {
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "opt_state": state.opt_state,
-        "step": state.step,
-        "epoch": jnp.asarray(epoch, jnp.int32),
+def read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    """Earlier metrics, keeping only epochs covered by the restored checkpoint."""
+    if not path.exists():
+        return []
+    return [m for m in json.loads(path.read_text()) if m.get("epoch", 0) <= upto_epoch]
+
+
+def variables_of(state: TrainState) -> dict[str, PyTree]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate_splits(
+    config: ConfigDict, model: nn.Module, ds: data.Dataset, state: TrainState
+) -> dict[str, float]:
+    """Test accuracy, and validation accuracy when there is a validation split."""
+    ev = functools.partial(
+        evaluate,
+        model,
+        variables_of(state),
+        batch_size=config.eval_batch_size,
+        preprocess=functools.partial(data.normalize, name=config.dataset),
+    )
+    out = {"test_accuracy": ev(ds.x_test, ds.y_test)}
+    if len(ds.x_val):
+        out["val_accuracy"] = ev(ds.x_val, ds.y_val)
+    return out
+
+
+def run_epoch(
+    config: ConfigDict,
+    model: nn.Module,
+    ds: data.Dataset,
+    state: TrainState,
+    epoch: int,
+    dropout_rng: jax.Array,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Train one epoch and evaluate; returns the new state and the epoch's metrics record."""
+    t0 = time.time()
+    state, sums, steps = train_epoch(config, ds, state, epoch, dropout_rng)
+    train_seconds = time.time() - t0
+    record = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": sums["loss"] / steps,
+        "train_accuracy": sums["accuracy"] / steps,
+        **evaluate_splits(config, model, ds, state),
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.time() - t0,
     }
-
-
-def save_train_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
-    """Save the train state after ``epoch`` (1-based) and wait until it is on disk."""
-    mngr.save(epoch, args=ocp.args.StandardSave(_train_tree(state, epoch)))
-    mngr.wait_until_finished()
-
-
-def restore_train_checkpoint(
-    mngr: ocp.CheckpointManager, state: TrainState
-) -> tuple[TrainState, int]:
-    """Restore the latest checkpoint into ``state``; returns (state, epoch), epoch 0 if none."""
-    step = mngr.latest_step()
-    if step is None:
-        return state, 0
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _train_tree(state, 0))
-    tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    state = state.replace(
-        params=tree["params"],
-        batch_stats=tree["batch_stats"],
-        opt_state=tree["opt_state"],
-        step=tree["step"],
+    logging.info(
+        "epoch %d: loss %.4f train %.4f val %s test %.4f (%.1f s)",
+        epoch,
+        record["train_loss"],
+        record["train_accuracy"],
+        record.get("val_accuracy"),
+        record["test_accuracy"],
+        record["epoch_seconds"],
     )
-    return state, int(tree["epoch"])
+    return state, record
 
 
-def save_float_variables(workdir: str | os.PathLike, variables: Mapping[str, PyTree]) -> Path:
-    """Write ``{"params", "batch_stats"}`` to ``workdir/float`` without a window in which a
-    previous good checkpoint is half overwritten: orbax writes ``float.new`` atomically, then
-    the directories are swapped by renames. Returns the checkpoint path.
-    """
-    workdir = Path(workdir).resolve()
-    final, new, old = (
-        workdir / FLOAT_DIR,
-        workdir / f"{FLOAT_DIR}.new",
-        workdir / f"{FLOAT_DIR}.old",
+def train_epoch(
+    config: ConfigDict, ds: data.Dataset, state: TrainState, epoch: int, dropout_rng: jax.Array
+) -> tuple[TrainState, dict[str, float], int]:
+    """One pass over the shuffled training images (seeded by ``config.seed`` and ``epoch``),
+    with a progress bar; returns the state, the summed batch loss/accuracy and the steps."""
+    batch_size, steps = epoch_size(config, len(ds.x_train))
+    preprocess = functools.partial(data.normalize, name=config.dataset)
+    np_rng = np.random.default_rng([config.seed, epoch])
+    it = data.batches(
+        ds.x_train,
+        ds.y_train,
+        batch_size,
+        shuffle=True,
+        seed=config.seed * 100_003 + epoch,
+        drop_remainder=True,
     )
-    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    for stale in (new, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(new, tree)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    desc = f"epoch {epoch}/{config.num_epochs}"
+    bar = tqdm(it, total=steps, desc=desc, mininterval=2.0, dynamic_ncols=True)
+    pending = []
+    for i, (xb, yb) in enumerate(bar, 1):
+        if config.augment:
+            xb = data.augment_crop_flip(xb, np_rng)
+        state, m = train_step(state, preprocess(xb), yb, dropout_rng)
+        pending.append(m)
+        if i % 20 == 0 or i == steps:  # fetch metrics now and then, not every step
+            for m in jax.device_get(pending):
+                sums["loss"] += float(m["loss"])
+                sums["accuracy"] += float(m["accuracy"])
+            pending = []
+            bar.set_postfix(loss=f"{sums['loss'] / i:.4f}", acc=f"{sums['accuracy'] / i:.4f}")
+    bar.close()
+    return state, sums, steps
 
 
-def load_float_variables(workdir: str | os.PathLike) -> dict[str, PyTree]:
-    """Load ``{"params", "batch_stats"}`` saved by :func:`save_float_variables`.
-
-    ``workdir`` is the training workdir (containing ``float/``) or the ``float`` path itself.
-    Returns jax arrays, ready for ``model.apply(variables, x)``.
-    """
-    workdir = Path(workdir).resolve()
-    candidates = [workdir / FLOAT_DIR, workdir / f"{FLOAT_DIR}.old", workdir]
-    path = next((p for p in candidates if (p / "_CHECKPOINT_METADATA").exists()), None)
-    if path is None:
-        path = next((p for p in candidates if p.is_dir() and p.name == FLOAT_DIR), None)
-    if path is None:
-        raise FileNotFoundError(
-            f"no float checkpoint under {workdir} (expected {workdir / FLOAT_DIR}); "
-            "run train.py with --workdir pointing there first"
-        )
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path)
-    tree = jax.tree.map(jnp.asarray, tree)
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
-
-
-# --------------------------------------------------------------------------- json
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic | jax.Array):
-        return np.asarray(o).tolist()
-    if isinstance(o, Iterable):
-        return list(o)
-    return str(o)
+def train_summary(
+    config: ConfigDict,
+    ds: data.Dataset,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    start_epoch: int,
+    final: dict[str, float],
+    seconds: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    """train_summary.json: what was trained on what, final accuracies, times; paths relative
+    (``experiments.paths``)."""
+    return {
+        "dataset": config.dataset,
+        "dataset_source": paths.relative_source(ds.source, data.resolve_data_dir(config.data_dir)),
+        "model": config.model.name,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "epochs": config.num_epochs,
+        "resumed_from_epoch": start_epoch,
+        "val_accuracy": final.get("val_accuracy"),
+        "test_accuracy": final["test_accuracy"],
+        "seconds": seconds,
+        "train_seconds_total": sum(m["epoch_seconds"] for m in history),
+        "float_checkpoint": paths.relative_path(workdir / ckpt.FLOAT_DIR, workdir),
+        "n_train": len(ds.x_train),
+        "n_val": len(ds.x_val),
+        "n_test": len(ds.x_test),
+        "jax_backend": jax.default_backend(),
+        "config": paths.relative_config(config.to_dict(), workdir),
+    }

@@ -1,4 +1,5 @@
-"""Tests for experiments.data on the real offline datasets (never the network)."""
+"""Tests for experiments.data (and its mnist, cifar, data_cache modules) on the real offline
+datasets (never the network)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import cifar as cifar_files  # the fixture `cifar` holds the loaded splits
+from experiments import data, data_cache
 
 DATA_DIR = Path(
     os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
 MNIST_DIR = DATA_DIR / "mnist"
-CIFAR_TAR = DATA_DIR / "cifar10" / data.CIFAR10_TAR
-CIFAR_NPZ = DATA_DIR / "cifar10" / data.CIFAR10_EXACT_NPZ
+CIFAR_TAR = DATA_DIR / "cifar10" / cifar_files.CIFAR10_TAR
+CIFAR_NPZ = DATA_DIR / "cifar10" / cifar_files.CIFAR10_EXACT_NPZ
 
 MNIST_MD5 = {
     "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
@@ -156,13 +158,13 @@ def test_cifar_jpeg_canonical_order(cifar, cifar_exact):
 
 
 def test_cifar_cache_reused(cifar, monkeypatch):
-    cache = data.cifar_cache_path(CIFAR_TAR)
+    cache = cifar_files.cifar_cache_path(CIFAR_TAR)
     assert cache.is_file()
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "decode_cifar_tar", no_decode)
+    monkeypatch.setattr(cifar_files, "decode_cifar_tar", no_decode)
     t0 = time.perf_counter()
     x, y = data.load_split("cifar10", "train", DATA_DIR, allow_download=False)
     assert time.perf_counter() - t0 < 10
@@ -186,7 +188,7 @@ def _write_tiny_tar(path: Path, shade: int) -> None:
 
     with tarfile.open(path, "w:gz") as tar:
         for split, n in (("train", 2), ("test", 1)):
-            for c, cls in enumerate(data.CIFAR10_CLASSES):
+            for c, cls in enumerate(cifar_files.CIFAR10_CLASSES):
                 for k in range(n):
                     img = np.full((32, 32, 3), (shade + 20 * c + k) % 256, np.uint8)
                     buf = io.BytesIO()
@@ -197,24 +199,24 @@ def _write_tiny_tar(path: Path, shade: int) -> None:
 
 
 def test_cifar_tar_cache_invalidated(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    tar = tmp_path / "data" / "cifar10" / data.CIFAR10_TAR
+    monkeypatch.setenv(data_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    tar = tmp_path / "data" / "cifar10" / cifar_files.CIFAR10_TAR
     tar.parent.mkdir(parents=True)
     _write_tiny_tar(tar, shade=10)
     x, y = data.load_split("cifar10", "train", tmp_path / "data", allow_download=False)
     assert x.shape == (20, 32, 32, 3)
     assert y.tolist() == list(range(10)) * 2  # class-interleaved without the exact npz
     assert abs(int(x[1, 0, 0, 0]) - 30) <= 2  # automobile 0000
-    first_cache = data.cifar_cache_path(tar)
+    first_cache = cifar_files.cifar_cache_path(tar)
     assert first_cache.parent == tmp_path / "cache" and first_cache.is_file()
 
     _write_tiny_tar(tar, shade=100)
     os.utime(tar, ns=(1_000_000_000, 1_000_000_000))
-    assert data.cifar_cache_path(tar) != first_cache
+    assert cifar_files.cifar_cache_path(tar) != first_cache
     x2, _ = data.load_split("cifar10", "train", tmp_path / "data", allow_download=False)
     assert abs(int(x2[1, 0, 0, 0]) - 120) <= 2
 
-    data.cifar_cache_path(tar).write_bytes(b"truncated")  # corrupt cache: decode again
+    cifar_files.cifar_cache_path(tar).write_bytes(b"truncated")  # corrupt cache: decode again
     with pytest.warns(UserWarning, match="unreadable cache"):
         x3, _ = data.load_split("cifar10", "train", tmp_path / "data", allow_download=False)
     assert np.array_equal(x3, x2)
@@ -222,12 +224,12 @@ def test_cifar_tar_cache_invalidated(tmp_path, monkeypatch):
 
 def test_interleave_order():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])  # class-major file order
-    assert labels[data.interleave_order(labels)].tolist() == [0, 1, 2, 0, 1, 2, 0, 2]
-    order = data.interleave_order(labels, canonical=np.array([2, 0, 2]))
+    assert labels[cifar_files.interleave_order(labels)].tolist() == [0, 1, 2, 0, 1, 2, 0, 2]
+    order = cifar_files.interleave_order(labels, canonical=np.array([2, 0, 2]))
     assert order.tolist()[:3] == [5, 0, 6]
     assert sorted(order.tolist()) == list(range(8))
     with pytest.raises(ValueError):
-        data.interleave_order(labels, canonical=np.array([1, 1, 1]))
+        cifar_files.interleave_order(labels, canonical=np.array([1, 1, 1]))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -236,8 +238,8 @@ def test_interleave_order():
 def test_missing_dataset_names_paths(tmp_path, monkeypatch):
     for name, expected in [
         ("mnist", tmp_path / "mnist" / "train-images-idx3-ubyte.gz"),
-        ("cifar10", tmp_path / "cifar10" / data.CIFAR10_TAR),
-        ("cifar10_exact", tmp_path / "cifar10" / data.CIFAR10_EXACT_NPZ),
+        ("cifar10", tmp_path / "cifar10" / cifar_files.CIFAR10_TAR),
+        ("cifar10_exact", tmp_path / "cifar10" / cifar_files.CIFAR10_EXACT_NPZ),
     ]:
         with pytest.raises(FileNotFoundError) as e:
             data.load_split(name, "train", tmp_path, allow_download=False)

@@ -1,4 +1,5 @@
-"""quantize.py end to end (real MNIST, tiny settings), the width sweep, and experiments.runs."""
+"""quantize.py end to end (real MNIST, tiny settings), the width sweep, and the quantization
+experiment's pieces (experiments.runs, reports, plots, float_model, width_sweep)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import pytest
 from ml_collections import ConfigDict
 
 import gpfq_jax as gq
-from experiments import data
+from experiments import data, float_model, plots, reports
 from experiments import runs as ex
 from experiments import training as tr
 from experiments.models import create_model
+from experiments.width_sweep import loglog_slope, width_sweep_experiment
+from gpfq_jax.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(
@@ -34,9 +37,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def load_module(name: str, path: Path):
-    """Import a repo-root script (quantize.py) or a config file as a module."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    """Import a config file as a module."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -190,7 +191,7 @@ def toy_results() -> dict:
 
 
 def test_accuracy_table_format():
-    assert ex.accuracy_table(toy_results()) == "\n".join(
+    assert reports.accuracy_table(toy_results()) == "\n".join(
         [
             "| method | ternary | 2-bit | 3-bit |",
             "| --- | --- | --- | --- |",
@@ -203,14 +204,14 @@ def test_accuracy_table_format():
 
 def test_runs_table_and_markdown_report_failures(tmp_path):
     res = toy_results()
-    table = ex.runs_table(res).splitlines()
+    table = reports.runs_table(res).splitlines()
     assert table[2] == (
         "| gpfq_int_3 | 3 | 2 | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
         "2.0 | 0.5 | 0.2 | 1.2 |"
     )
     assert "FAILED: ValueError: boom" in table[-1]
     assert "| gpfq_int_2 | same alphabet as gpfq_int_ternary: reused |" in table[-2]
-    md = ex.results_markdown(res)
+    md = reports.results_markdown(res)
     for part in (
         "## Test accuracy (%)",
         "## Validation accuracy (%)",
@@ -221,16 +222,16 @@ def test_runs_table_and_markdown_report_failures(tmp_path):
         "repeats the ternary run",
     ):
         assert part in md, part
-    ex.plot_accuracy_vs_bits(res, tmp_path / "a.png")
-    ex.plot_layer_errors(res, tmp_path / "b.png")
+    plots.plot_accuracy_vs_bits(res, tmp_path / "a.png")
+    plots.plot_layer_errors(res, tmp_path / "b.png")
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temp files
 
 
 def test_write_text_atomic_replaces(tmp_path):
-    ex.write_text_atomic(tmp_path / "r.md", "one")
-    ex.write_text_atomic(tmp_path / "r.md", "two")
+    write_text_atomic(tmp_path / "r.md", "one")
+    write_text_atomic(tmp_path / "r.md", "two")
     assert (tmp_path / "r.md").read_text() == "two" and len(list(tmp_path.iterdir())) == 1
 
 
@@ -282,7 +283,6 @@ def test_execute_run_selects_c_on_validation_only():
 
 def test_width_sweep_tiny(tmp_path):
     """N >> m: GPFQ's error falls with N, RTN's does not (tiny sizes, one seed)."""
-    quantize = load_module("quantize", REPO / "quantize.py")
     cfg = config("width_sweep")
     cfg.sweep.update(
         m=8,
@@ -294,25 +294,24 @@ def test_width_sweep_tiny(tmp_path):
         scale="median",
         c=2.0,
     )  # a step independent of N
-    result = quantize.width_sweep_experiment(cfg, tmp_path)
+    result = width_sweep_experiment(cfg, tmp_path)
     assert result["slope"]["gpfq"] < -0.3 and abs(result["slope"]["rtn"]) < 0.1
     assert result["tail_slope"] == result["slope"]
     saved = json.loads((tmp_path / "width_sweep.json").read_text())
     assert saved["widths"] == [16, 128] and saved["m"] == 8
     assert "| 128 |" in (tmp_path / "width_sweep.md").read_text()
     assert (tmp_path / "width_sweep.png").read_bytes()[:8] == PNG_MAGIC
-    assert ex.loglog_slope([1, 2, 4], [1, 0.5, 0.25]) == pytest.approx(-1.0)
+    assert loglog_slope([1, 2, 4], [1, 0.5, 0.25]) == pytest.approx(-1.0)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def test_missing_checkpoint_names_paths_and_command(tmp_path):
-    quantize = load_module("quantize", REPO / "quantize.py")
     cfg = config("mnist_mlp")
     cfg.float_checkpoint = str(tmp_path / "absent")
     with pytest.raises(SystemExit) as e:
-        quantize.float_checkpoint(cfg, tmp_path / "wd", "configs/mnist_mlp.py")
+        float_model.find_or_train(cfg, tmp_path / "wd", "configs/mnist_mlp.py")
     msg = str(e.value)
     assert str(tmp_path / "absent") in msg and str(tmp_path / "wd" / "float") in msg
     assert f"python train.py --config=configs/mnist_mlp.py --workdir={tmp_path / 'wd'}" in msg
@@ -346,6 +345,7 @@ def cli_run(tmp_path_factory):
     return workdir, proc
 
 
+@pytest.mark.slow
 def test_cli_writes_results_plots_and_checkpoints(cli_run):
     workdir, proc = cli_run
     assert (workdir / "float" / "_CHECKPOINT_METADATA").exists()  # trained first
@@ -382,8 +382,15 @@ def test_cli_writes_results_plots_and_checkpoints(cli_run):
     for png in ("accuracy_vs_bits.png", "layer_errors.png"):
         assert (workdir / png).read_bytes()[:8] == PNG_MAGIC
     assert "| GPFQ int |" in proc.stdout
+    # paths relative to the workdir / data directory / repository, never absolute ones
+    assert res["float_checkpoint"] == "<workdir>/float"
+    assert res["runs"][0]["checkpoint"] == "<workdir>/quantized/gpfq_int_3"
+    assert res["dataset_source"] == "MNIST idx files (<data_dir>/mnist)"
+    assert res["command"].split()[1:3] == ["quantize.py", "--config=configs/mnist_mlp.py"]
+    assert str(workdir) not in (workdir / "results.json").read_text()
 
 
+@pytest.mark.slow
 def test_cli_quantized_checkpoint_reproduces_accuracy(cli_run):
     workdir, _ = cli_run
     res = json.loads((workdir / "results.json").read_text())

@@ -1,4 +1,5 @@
-"""Models, training helpers and an end-to-end ``train.py`` smoke test (real MNIST)."""
+"""Models, training helpers, float checkpoints, configs and an end-to-end ``train.py`` smoke
+test (real MNIST)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import checkpoints as ckpt
+from experiments import data, paths
 from experiments import training as tr
 from experiments.models import create_model, max_pool_2x2
 
@@ -88,10 +91,10 @@ def test_max_pool_2x2_matches_flax():
 
 def test_augment_crop_flip():
     x = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3)
-    out = tr.augment_crop_flip(x, np.random.default_rng(0), pad=0)
+    out = data.augment_crop_flip(x, np.random.default_rng(0), pad=0)
     for a, b in zip(out, x):
         assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
-    out = tr.augment_crop_flip(x, np.random.default_rng(0), pad=2)
+    out = data.augment_crop_flip(x, np.random.default_rng(0), pad=2)
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
@@ -108,12 +111,13 @@ def test_train_step_evaluate_and_float_roundtrip(tmp_path):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     direct = float(np.mean(np.argmax(model.apply(variables, x), -1) == y))
     assert tr.evaluate(model, variables, x, y, batch_size=32) == pytest.approx(direct)
-    tr.save_float_variables(tmp_path, variables)
-    tr.save_float_variables(tmp_path, variables)  # replaces the old one
-    restored = tr.load_float_variables(tmp_path)
+    ckpt.save_float_variables(tmp_path, variables)
+    ckpt.save_float_variables(tmp_path, variables)  # replaces the old one
+    restored = ckpt.load_float_variables(tmp_path)
     np.testing.assert_array_equal(model.apply(restored, x), model.apply(variables, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]  # no temporaries left
     with pytest.raises(FileNotFoundError, match="no float checkpoint"):
-        tr.load_float_variables(tmp_path / "missing")
+        ckpt.load_float_variables(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -148,6 +152,42 @@ def test_configs_load(name):
     }
 
 
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_default_config_quantizes_the_committed_checkpoint():
+    cfg, full = load_config("default"), load_config("mnist_mlp")
+    assert cfg.float_checkpoint == "checkpoints/mnist_mlp" and not cfg.train_if_missing
+    assert ckpt.has_float_checkpoint(REPO / cfg.float_checkpoint)
+    for key in ("dataset", "seed", "val_size", "model"):  # the checkpoint's validation split
+        assert cfg[key] == full[key], key
+    assert cfg.quant.calib_size < full.quant.calib_size
+    assert set(cfg.quant.methods) == {"gpfq", "rtn", "gptq"}
+
+
+def test_result_paths_are_relative(tmp_path):
+    wd = tmp_path / "wd"
+    assert paths.relative_path(paths.REPO / "checkpoints" / "mnist_mlp", wd) == (
+        "checkpoints/mnist_mlp"
+    )
+    assert paths.relative_path(wd / "float", wd) == "<workdir>/float"
+    assert paths.relative_path(wd, wd) == "<workdir>"
+    source = f"MNIST idx files ({tmp_path / 'data' / 'mnist'})"
+    assert paths.relative_source(source, tmp_path / "data") == "MNIST idx files (<data_dir>/mnist)"
+    argv = [str(REPO / "train.py"), f"--workdir={wd}", "--config=configs/mnist_mlp.py"]
+    assert paths.relative_command(argv, wd) == [
+        "train.py", "--workdir=<workdir>", "--config=configs/mnist_mlp.py",
+    ]  # fmt: skip
+    config = {"float_checkpoint": str(wd / "float"), "data_dir": None, "quant": {"seed": 0}}
+    assert paths.relative_config(config, wd) == {
+        "float_checkpoint": "<workdir>/float", "data_dir": None, "quant": {"seed": 0},
+    }  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -173,6 +213,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_train_end_to_end(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == [1]
@@ -181,12 +222,17 @@ def test_train_end_to_end(trained):
     assert summary["test_accuracy"] == metrics[-1]["test_accuracy"]
     assert "MNIST" in summary["dataset_source"] and summary["n_train"] == 300
     assert summary["config"]["num_epochs"] == 1
-    variables = tr.load_float_variables(trained)
+    # paths relative to the workdir / data directory, never this machine's absolute paths
+    assert summary["float_checkpoint"] == "<workdir>/float"
+    assert summary["dataset_source"] == "MNIST idx files (<data_dir>/mnist)"
+    assert str(trained) not in (trained / "train_summary.json").read_text()
+    variables = ckpt.load_float_variables(trained)
     assert set(variables) == {"params", "batch_stats"}
     model = create_model("mlp")
     assert model.apply(variables, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_train_resumes_from_checkpoint(trained):
     first = json.loads((trained / "metrics.json").read_text())
     proc = run_train(trained, epochs=2)

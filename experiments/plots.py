@@ -1,0 +1,150 @@
+"""Plots (matplotlib, Agg backend, png): accuracy vs bits, per-layer error, the width sweep.
+
+Each function renders a results dict into a png written atomically (``gpfq_jax.atomic``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from experiments.reports import fmt_slope
+from experiments.runs import bits_label, bits_x, successful
+from gpfq_jax.atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """``fig.savefig`` (png) to ``path`` atomically; closes ``fig``."""
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+_COLORS = {"gpfq": "C0", "rtn": "C1", "gptq": "C2"}
+_MARKERS = {"int": "o", "int_full": "s", "ls": "^", "zzs": "D"}
+
+
+def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
+    """Test accuracy vs bits, one line per (method, grid); float as a horizontal line."""
+    plt = _pyplot()
+    runs = successful(results["runs"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
+        pts = sorted(
+            (bits_x(r["bits"]), 100 * r["test_accuracy"])
+            for r in runs
+            if (r["method"], r["grid"]) == (m, g)
+        )
+        ax.plot(
+            *zip(*pts),
+            marker=_MARKERS.get(g, "x"),
+            color=_COLORS.get(m),
+            linestyle="-" if g == "int" else ":",
+            label=f"{m.upper()} {g}",
+        )
+    ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--", label="float")
+    xs = sorted({r["bits"] for r in runs}, key=bits_x)
+    ax.set_xticks([bits_x(b) for b in xs], ["tern." if b == "ternary" else str(b) for b in xs])
+    ax.set_xlabel("bits")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['model']} / {results['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
+    """Per-layer relative error, one panel per (grid, bits), one line per method."""
+    plt = _pyplot()
+    runs = [r for r in successful(results["runs"]) if "same_as" not in r]
+    panels = sorted(
+        dict.fromkeys((r["grid"], r["bits"]) for r in runs),
+        key=lambda p: (p[0] != "int", p[0], bits_x(p[1])),
+    )
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (g, b) in zip(axes.flat, panels):
+        for r in runs:
+            if (r["grid"], r["bits"]) != (g, b):
+                continue
+            errs = [lay["rel_error"] for lay in r["layers"]]
+            ax.plot(
+                range(len(errs)),
+                errs,
+                marker="o",
+                color=_COLORS.get(r["method"]),
+                label=r["method"].upper(),
+            )
+        names = [lay["layer"] for lay in runs[0]["layers"]]
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{g} {bits_label(b)}", fontsize=9)
+        ax.set_ylabel("relative error")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _theory_curve(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """sqrt(m log N / N) over N >= m, scaled to GPFQ's mean error at the largest width."""
+    if "gpfq" not in result["methods"] or result["mean"]["gpfq"][-1] is None:
+        return None
+    n = np.asarray([w for w in result["widths"] if w >= result["m"]], float)
+    if len(n) < 2:
+        return None
+    shape = np.sqrt(np.log(n) / n)
+    return n, shape * result["mean"]["gpfq"][-1] / shape[-1]
+
+
+def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
+    """Log-log relative error vs N per method, fitted slopes in the legend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for meth in result["methods"]:
+        pts = [
+            (n, mu, sd)
+            for n, mu, sd in zip(result["widths"], result["mean"][meth], result["std"][meth])
+            if mu is not None
+        ]
+        n, mu, sd = (np.asarray(a, float) for a in zip(*pts))
+        label = f"{meth.upper()} (slope {fmt_slope(result['slope'][meth])}"
+        if "tail_slope" in result:
+            label += f"; N >= m: {fmt_slope(result['tail_slope'][meth])}"
+        ax.errorbar(
+            n, mu, yerr=sd, marker="o", capsize=2, color=_COLORS.get(meth), label=label + ")"
+        )
+    ax.axvline(result["m"], color="gray", linestyle=":", label=f"N = m = {result['m']}")
+    ref = _theory_curve(result)
+    if ref is not None:
+        ax.plot(*ref, color="gray", linestyle="--", label="∝ sqrt(m log N / N) (theory)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer width N (input features)")
+    ax.set_ylabel("relative error ||XW - XQ|| / ||XW||")
+    ax.set_title(
+        f"Gaussian X, m = {result['m']}: {result['spec']['grid']} {result['spec']['bits']}"
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+__all__ = ["plot_accuracy_vs_bits", "plot_layer_errors", "plot_width_sweep", "save_figure"]

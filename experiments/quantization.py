@@ -1,0 +1,228 @@
+"""The whole-model quantization experiment that ``quantize.py`` runs.
+
+``quantize_experiment(config, workdir)`` quantizes a float model with every method x (grids x
+bits + extra_runs) run of ``config.quant``, evaluates each on the validation and test splits,
+saves it and writes, atomically after every run, ``results.json``, ``results.md``,
+``accuracy_vs_bits.png``, ``layer_errors.png`` and ``quantized/<run>/`` into ``workdir``. A
+failed run is recorded with its error and the others go on; the float checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+import gpfq_jax as gq
+from experiments import checkpoints, data, float_model, paths, plots, reports, runs, training
+from experiments.models import create_model
+from gpfq_jax.atomic import write_json_atomic, write_text_atomic
+
+TRAIN_KEYS = ("test_accuracy", "val_accuracy", "epochs", "seconds", "dataset_source")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every run of an experiment shares: the float model, the data, the calibration."""
+
+    model: nn.Module
+    variables: Any
+    ds: data.Dataset
+    calib: np.ndarray
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    eval_batch_size: int
+
+    def evaluate(self, variables: Any, split: str) -> float | None:
+        """Accuracy of ``variables`` on "val" or "test" (None for an empty split)."""
+        splits = {"val": (self.ds.x_val, self.ds.y_val), "test": (self.ds.x_test, self.ds.y_test)}
+        x, y = splits[split]
+        if not len(x):
+            return None
+        return training.evaluate(
+            self.model, variables, x, y, batch_size=self.eval_batch_size, preprocess=self.preprocess
+        )
+
+
+def quantize_experiment(
+    config: ConfigDict, workdir: str | Path, config_file: str = "CONFIG"
+) -> dict[str, Any]:
+    """Every run of ``config`` (see the module docstring); returns the results dict.
+
+    ``config_file`` names the config in the train.py command printed when no float
+    checkpoint is found (``experiments.float_model.find_or_train``).
+    """
+    t_start = time.time()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = float_model.find_or_train(config, workdir, config_file)
+    summary = float_model.train_summary(ckpt)
+    float_model.check_split(config, summary)
+    setup = load_setup(config, ckpt)
+    results = results_header(config, workdir, setup, ckpt, summary)
+    logging.info("float: %s", results["float"])
+    q = config.quant
+    done: dict[runs.Run, dict] = {}
+    grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or ())
+    for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
+        twin = runs.same_alphabet(run, done)
+        if twin is not None:
+            results["runs"].append(runs.reused_record(done[twin], run))
+            continue
+        record = quantize_run(run, setup, q, workdir)
+        if "error" not in record:
+            done[run] = record
+        results["runs"].append(record)
+        results["seconds_total"] = time.time() - t_start
+        write_outputs(workdir, results)
+    results["complete"] = True
+    results["seconds_total"] = time.time() - t_start
+    write_outputs(workdir, results)
+    return results
+
+
+def load_setup(config: ConfigDict, ckpt: Path) -> Setup:
+    """The float model from ``ckpt``, the dataset, and the seeded calibration draw of
+    ``quant.calib_size`` TRAINING images (preprocessed)."""
+    ds = data.load_dataset(
+        config.dataset, data_dir=config.get("data_dir"), val_size=config.val_size, seed=config.seed
+    )
+    logging.info("%r", ds)
+    preprocess = functools.partial(data.normalize, name=config.dataset)
+    q = config.quant
+    return Setup(
+        model=create_model(config.model.name, **config.model.kwargs.to_dict()),
+        variables=checkpoints.load_float_variables(ckpt),
+        ds=ds,
+        calib=preprocess(runs.calibration_images(ds.x_train, q.calib_size, q.get("seed", 0))),
+        preprocess=preprocess,
+        eval_batch_size=config.eval_batch_size,
+    )
+
+
+def c_selection(q: ConfigDict) -> str:
+    """How the step constant c is chosen, in words."""
+    if q.get("c_grid_val"):
+        return f"best validation accuracy over c in {list(q.c_grid_val)}"
+    if q.scale == "search":
+        return f"scale={q.scale!r} (search: chosen per layer from its calibration statistics)"
+    return f"scale={q.scale!r}, c={q.get('c', 1.0)}"
+
+
+def results_header(
+    config: ConfigDict, workdir: Path, setup: Setup, ckpt: Path, summary: dict | None
+) -> dict[str, Any]:
+    """results.json before any run: the float model, data, calibration, machine, config."""
+    q, ds = config.quant, setup.ds
+    return {
+        "dataset": config.dataset,
+        "dataset_source": paths.relative_source(
+            ds.source, data.resolve_data_dir(config.get("data_dir"))
+        ),
+        "model": config.model.name,
+        "float_checkpoint": paths.relative_path(ckpt, workdir),
+        "float_train_summary": summary and {k: summary.get(k) for k in TRAIN_KEYS},
+        "float": {
+            "val_accuracy": setup.evaluate(setup.variables, "val"),
+            "test_accuracy": setup.evaluate(setup.variables, "test"),
+        },
+        "calibration": {
+            "size": int(q.calib_size),
+            "seed": q.get("seed", 0),
+            "split": "train",
+            "batch_size": q.calib_batch_size,
+            "pool": len(ds.x_train),
+            "patch_fraction": q.get("patch_fraction", 1.0),
+        },
+        "c_selection": c_selection(q),
+        "runs": [],
+        "complete": False,
+        "command": paths.command_line(workdir),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
+        "config": paths.relative_config(config.to_dict(), workdir),
+    }
+
+
+def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> dict[str, Any]:
+    """Quantize, evaluate and save one run; its record (with ``error`` if it failed)."""
+    options = {
+        "batch_size": q.calib_batch_size,
+        "progress": False,
+        "fold_batchnorm": q.get("fold_batchnorm", False),
+        "bias_correction": q.get("bias_correction", False),
+        "seed": q.get("seed", 0),
+        "patch_fraction": q.get("patch_fraction", 1.0),
+    }
+    try:
+        record, res = runs.execute_run(
+            run,
+            runs.quantizer(setup.model, setup.variables, setup.calib, run.method, **options),
+            setup.evaluate,
+            scale=q.scale,
+            c=q.get("c", 1.0),
+            per_channel=q.get("per_channel"),
+            c_grid_val=q.get("c_grid_val"),
+        )
+        if q.get("save_quantized", True):
+            record["checkpoint"] = paths.relative_path(save_run(workdir, run.name, res), workdir)
+    except Exception as e:  # keep going; the failure is recorded in the results
+        logging.exception("run %s failed", run.name)
+        return {
+            "name": run.name,
+            "method": run.method,
+            "grid": run.grid,
+            "bits": run.bits,
+            "error": f"{type(e).__name__}: {e}",
+        }
+    logging.info(
+        "%s: val %s test %.4f (%.1f s)",
+        run.name,
+        record["val_accuracy"],
+        record["test_accuracy"],
+        record["seconds"]["total"],
+    )
+    return record
+
+
+def save_run(workdir: Path, name: str, res: gq.QuantizeResult) -> Path:
+    """Quantized checkpoint of one run; overwrites only inside ``workdir/quantized``."""
+    path = workdir / "quantized" / name
+    assert path.resolve().parent == (workdir / "quantized").resolve(), path
+    return gq.save_quantized(path, res, overwrite=True)
+
+
+def write_outputs(workdir: Path, results: dict) -> None:
+    """results.json, results.md and the two plots, each replaced atomically."""
+    write_json_atomic(workdir / "results.json", results)
+    write_text_atomic(workdir / "results.md", reports.results_markdown(results))
+    if runs.successful(results["runs"]):
+        plots.plot_accuracy_vs_bits(results, workdir / "accuracy_vs_bits.png")
+        plots.plot_layer_errors(results, workdir / "layer_errors.png")
+
+
+__all__ = [
+    "Setup",
+    "c_selection",
+    "load_setup",
+    "quantize_experiment",
+    "quantize_run",
+    "results_header",
+    "save_run",
+    "write_outputs",
+]

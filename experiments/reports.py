@@ -1,0 +1,205 @@
+"""Markdown reports: the accuracy and run tables of ``results.md`` and the width sweep's table.
+
+Each function renders a results dict (as ``results.json`` / ``width_sweep.json`` hold it) into
+text; nothing here computes or writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.runs import bits_label, bits_x, successful
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
+    """Markdown table: one row per (method, grid), one column per bit width, cells = accuracy
+    in percent; a float row on top ("-" where a run is missing or failed)."""
+    runs = successful(results["runs"])
+    cols = sorted({r["bits"] for r in runs}, key=bits_x)
+    rows = list(dict.fromkeys((r["method"], r["grid"]) for r in runs))
+    cell = {(r["method"], r["grid"], r["bits"]): r[key] for r in runs}
+    fl = results["float"].get(key)
+    head = ["method", *(bits_label(b) for b in cols)]
+    lines = [
+        _md_row(head),
+        _md_row(["---"] * len(head)),
+        _md_row(["float", *([_pct(fl)] * len(cols))]),
+    ]
+    for m, g in rows:
+        lines.append(_md_row([f"{m.upper()} {g}", *(_pct(cell.get((m, g, b))) for b in cols)]))
+    return "\n".join(lines)
+
+
+def runs_table(results: dict) -> str:
+    """Markdown table of every run: levels, storage bits, val/test accuracy, per-layer relative
+    error, chosen c (mean over channels) and the capture/stats/quant seconds."""
+    head = [
+        "run",
+        "levels",
+        "storage bits",
+        "val %",
+        "test %",
+        "rel. error per layer",
+        "mean c",
+        "total s",
+        "capture s",
+        "stats s",
+        "quant s",
+    ]
+    lines = [_md_row(head), _md_row(["---"] * len(head))]
+    for r in results["runs"]:
+        if "error" in r:
+            lines.append(_md_row([r["name"], f"FAILED: {r['error']}", *[""] * (len(head) - 2)]))
+            continue
+        if "same_as" in r:
+            lines.append(
+                _md_row(
+                    [r["name"], f"same alphabet as {r['same_as']}: reused", *[""] * (len(head) - 2)]
+                )
+            )
+            continue
+        s = r["seconds"]
+        errs = " / ".join(f"{lay['rel_error']:.3f}" for lay in r["layers"])
+        c = " / ".join(f"{lay['c']:.2f}" for lay in r["layers"])
+        lines.append(
+            _md_row(
+                [
+                    r["name"],
+                    r["levels"],
+                    r["storage_bits"],
+                    _pct(r["val_accuracy"]),
+                    _pct(r["test_accuracy"]),
+                    errs,
+                    c,
+                    f"{s['total']:.1f}",
+                    f"{s['capture']:.1f}",
+                    f"{s['stats']:.1f}",
+                    f"{s['quant']:.1f}",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+def _md_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def results_markdown(results: dict) -> str:
+    """The readable report of a whole-model experiment (``results.md``)."""
+    f, cal = results["float"], results["calibration"]
+    runs = [r for r in successful(results["runs"]) if "same_as" not in r]
+    total = sum(r["seconds"].get("c_selection", r["seconds"]["total"]) for r in runs)
+    c_grid = any("c_selection" in r["seconds"] for r in runs)
+    lines = [
+        f"# {results['model']} on {results['dataset']}: post-training quantization",
+        "",
+        f"Dataset: {results['dataset_source']}",
+        f"Float checkpoint: `{results['float_checkpoint']}`",
+        f"Calibration: {cal['size']} images from the {cal['split']} split "
+        f"(seed {cal['seed']}, batches of {cal['batch_size']}"
+        + (
+            f", {cal['patch_fraction']:.0%} of conv patches"
+            if cal.get("patch_fraction", 1) < 1
+            else ""
+        )
+        + f"); step constant: {results['c_selection']}.",
+        f"Float accuracy: test {_pct(f['test_accuracy'])}%, val {_pct(f.get('val_accuracy'))}%.",
+        "",
+        "## Test accuracy (%)",
+        "",
+        accuracy_table(results),
+        "",
+        "## Validation accuracy (%)",
+        "",
+        accuracy_table(results, "val_accuracy"),
+        "",
+        "## Runs",
+        "",
+        "Seconds are the whole-model quantization (captures + statistics + quantization, "
+        "compilation included), not the evaluation.",
+        "",
+        runs_table(results),
+        "",
+        f"Total quantization time: {total:.1f} s over {len(runs)} runs "
+        + ("(every c tried on validation counted) " if c_grid else "")
+        + f"(wall time of the whole script: {results.get('seconds_total', 0):.0f} s).",
+    ]
+    if any("same_as" in r for r in results["runs"]):
+        lines += [
+            "",
+            'Note: the "int" grid at 2 bits is {-1, 0, 1} x step, the same alphabet '
+            'as ternary (its row repeats the ternary run); "int_full" 2-bit has the '
+            "4 levels {-2, -1, 0, 1} x step.",
+        ]
+    failed = [r for r in results["runs"] if "error" in r]
+    if failed:
+        lines += ["", f"{len(failed)} run(s) failed: " + ", ".join(r["name"] for r in failed)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- width sweep
+
+
+def width_sweep_markdown(result: dict) -> str:
+    """The width sweep as a markdown table (mean relative error per N) plus fitted slopes."""
+    methods = result["methods"]
+    head = ["N", *(f"{m.upper()} rel. error" for m in methods), "GPFQ / RTN"]
+    lines = [
+        "# Width sweep: relative error of one layer vs its width N (Gaussian data)",
+        "",
+        f"X ~ N(0, 1) with m = {result['m']} samples, {result['neurons']} neurons with "
+        f"N(0, 1) weights, seeds {result['seeds']}; alphabet: {result['spec']['grid']} "
+        f"{result['spec']['bits']} ({result['spec']['levels']} levels), step rule "
+        f"{result['spec']['scale']}, per_channel={result['spec']['per_channel']}.",
+        "",
+        _md_row(head),
+        _md_row(["---"] * len(head)),
+    ]
+    for i, n in enumerate(result["widths"]):
+        cells = [_mean_std(result, m, i) for m in methods]
+        ratio = (
+            f"{result['mean']['gpfq'][i] / result['mean']['rtn'][i]:.3f}"
+            if {"gpfq", "rtn"} <= set(methods)
+            else "-"
+        )
+        lines.append(_md_row([n, *cells, ratio]))
+    lines += [
+        "",
+        "Fitted log-log slopes of the mean (relative error ~ N^slope), all N: "
+        + _slopes(result["slope"]),
+    ]
+    if "tail_slope" in result:
+        lines.append(f"Over N >= m = {result['m']} only: " + _slopes(result["tail_slope"]))
+    skipped = {m: w for m, w in result.get("max_width", {}).items() if w < max(result["widths"])}
+    if skipped:
+        lines.append(
+            "Skipped (too slow): "
+            + ", ".join(f"{m.upper()} above N = {w}" for m, w in skipped.items())
+        )
+    lines.append(
+        "Quantization seconds per method (all N and seeds): "
+        + ", ".join(f"{m.upper()} {result['seconds'][m]:.1f}" for m in methods)
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(result: dict, method: str, i: int) -> str:
+    mean, std = result["mean"][method][i], result["std"][method][i]
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def fmt_slope(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.3f}"
+
+
+def _slopes(slopes: dict[str, float | None]) -> str:
+    return ", ".join(f"{m.upper()} {fmt_slope(v)}" for m, v in slopes.items())
+
+
+__all__ = ["accuracy_table", "fmt_slope", "results_markdown", "runs_table", "width_sweep_markdown"]
