@@ -57,7 +57,7 @@ def test_linen_round_trip_is_exact_and_smaller(linen_case, tmp_path):
     assert [lay["code_dtype"] for lay in meta["layers"]] == ["int4", "int4", "int16"]
     assert [lay["offset"] for lay in meta["layers"]] == [0.0, 0.5, 0.0]
     assert (meta["layers"][1]["spec"]["grid"], meta["layers"][1]["levels"]) == ("ls", 4)
-    arrays = export._restore(tmp_path / "q" / export.ARRAYS)
+    arrays = export.restore_orbax(tmp_path / "q" / export.ARRAYS)
     assert arrays["codes"]["0"].dtype == jnp.int4
     np.testing.assert_array_equal(np.asarray(arrays["codes"]["1"], np.int8), res.layers[1].codes)
 
@@ -80,13 +80,32 @@ def test_linen_round_trip_is_exact_and_smaller(linen_case, tmp_path):
     assert mem["quantized_disk_bytes"] is None
 
 
+def _files(path):
+    """Each file under ``path`` with its size, inode and mtime (a replaced file shows)."""
+    out = []
+    for r, _, fs in os.walk(path):
+        for f in fs:
+            st = os.stat(os.path.join(r, f))
+            out.append(
+                (os.path.relpath(os.path.join(r, f), path), st.st_size, st.st_ino, st.st_mtime_ns)
+            )
+    return sorted(out)
+
+
 def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_path, monkeypatch):
     *_, res = linen_case
+    float_ckpt = tmp_path / "float"
+    ocp.PyTreeCheckpointer().save(float_ckpt, {"w": jnp.ones(3)})  # an existing float checkpoint
+    float_before = _files(float_ckpt)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        gq.save_quantized(float_ckpt, res)
+    with pytest.raises(FileExistsError, match="not a gpfq_jax quantized checkpoint"):
+        gq.save_quantized(float_ckpt, res, overwrite=True)  # only ever replaces our own format
+    assert _files(float_ckpt) == float_before
+
     target = tmp_path / "ckpt"
-    ocp.PyTreeCheckpointer().save(target, {"w": jnp.ones(3)})  # an existing float checkpoint
-    before = sorted(
-        (p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(target) for p in fs
-    )
+    gq.save_quantized(target, res)  # an existing quantized checkpoint
+    before = _files(target)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         gq.save_quantized(target, res)
 
@@ -98,15 +117,12 @@ def test_refuses_overwrite_and_interrupted_save_leaves_nothing(linen_case, tmp_p
         gq.save_quantized(target, res, overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):
         gq.save_quantized(tmp_path / "new", res)
-    after = sorted(
-        (p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(target) for p in fs
-    )
-    assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs, no "new"
+    assert _files(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "float"]  # no temp dirs, "new"
     monkeypatch.undo()
     gq.save_quantized(target, res, overwrite=True)
     _same(gq.load_quantized(target), res.variables)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "float"]
 
 
 class NNXNet(nnx.Module):
