@@ -67,6 +67,7 @@ def test_data_gram_blocked_agree(x64, rng, grid, bits):
     np.testing.assert_array_equal(data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet))
 
 
+@pytest.mark.slow  # > 10 s on 2 CPU cores
 @settings(max_examples=15, deadline=None)
 @given(
     m=st.integers(1, 40),

@@ -9,7 +9,6 @@ computation paths give identical codes.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -154,6 +153,7 @@ def _cnn_inputs(p, s, x, eps=1e-5):
     return ins
 
 
+@pytest.mark.slow  # > 10 s on 2 CPU cores
 def test_cnn_with_bn_and_residual_by_hand(x64):
     x = jax.random.normal(jax.random.PRNGKey(0), (10, 8, 8, 3), jnp.float64)
     model = ResCNN()
@@ -428,33 +428,3 @@ def test_bad_inputs_raise_clear_errors():
     net = NNXMLP3(nnx.Rngs(0))
     with pytest.raises(ValueError, match=re.escape("'layers/0' expects inputs of shape (..., 8)")):
         run(net, None, jnp.ones((4, 3)))
-
-
-# ----------------------------------------------------------------------------- docs
-
-
-def _doc_blocks() -> list[str]:
-    text = (Path(__file__).parents[1] / "docs" / "API_EXAMPLES.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-def test_api_examples(tmp_path, capsys):
-    blocks = _doc_blocks()
-    assert len(blocks) == 4
-    for b in blocks[:2]:
-        assert len([ln for ln in b.splitlines() if ln.strip()]) < 15
-    ns: dict = {}
-    exec(blocks[0], ns)  # Linen
-    lin = ns["res"]
-    assert [r.name for r in lin.layers] == ["Dense_0", "Dense_1"]
-    assert lin.folded == [("Dense_0", "BatchNorm_0")]
-    exec(blocks[1], {})  # NNX
-    out = capsys.readouterr().out
-    assert "(512, 10)" in out and "('fc2', 8)" in out
-    exec(blocks[2], ns)  # rules
-    assert [(r.spec.bits, r.method, r.levels) for r in ns["res"].layers] == [
-        ("ternary", "gpfq", 3),
-        (8, "rtn", 255),
-    ]
-    exec(blocks[3].replace("/tmp/gpfq_example", str(tmp_path)), ns)
-    assert ns["report"]["quantized_bytes"] < ns["report"]["float_bytes"]

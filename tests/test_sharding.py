@@ -108,6 +108,7 @@ def sharded_result() -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+@pytest.mark.slow  # > 10 s on 2 CPU cores
 @pytest.mark.parametrize("case", ["mlp_gpfq", "mlp_rtn", "cnn_gpfq"])
 def test_sharded_codes_equal_unsharded(sharded_result, case):
     assert sharded_result["devices"] == 4
@@ -256,6 +257,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # > 10 s on 2 CPU cores
 def test_two_processes_global_mesh_equal_single_process(tmp_path):
     """Multi-host path on one machine: 2 processes x 2 CPU devices, each feeding its half of
     every batch (jax.distributed + gloo collectives) -> the single-process codes."""
