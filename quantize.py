@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging()
     cli.enable_compilation_cache()
-    config, workdir = FLAGS.config, FLAGS.workdir
+    config, workdir = FLAGS.config, cli.checked_workdir(FLAGS.workdir)
     experiment = config.get("experiment", "quantize")
     if experiment == "width_sweep":
         result = width_sweep.width_sweep_experiment(config, workdir)
@@ -60,4 +60,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -32,8 +32,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging()
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    training.train_and_evaluate(FLAGS.config, cli.checked_workdir(FLAGS.workdir))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -84,11 +84,25 @@ class Dataset:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """Data directory: the argument, else ``$GPFQ_DATA_DIR``, else None."""
+    """Data directory: the argument, else ``$GPFQ_DATA_DIR``, else None.
+
+    A directory that is given must exist: FileNotFoundError (NotADirectoryError for a file)
+    naming it and where it came from, at once, before anything else is tried.
+    """
     if data_dir is not None and str(data_dir) != "":
-        return pathlib.Path(data_dir).expanduser()
-    env = os.environ.get(DATA_DIR_ENV)
-    return pathlib.Path(env).expanduser() if env else None
+        root, origin = pathlib.Path(data_dir).expanduser(), "data_dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        root, origin = pathlib.Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
+    else:
+        return None
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data directory {root} (from {origin}) does not exist; point {origin} at a folder "
+            "laid out like <data_dir>/mnist/*.gz, <data_dir>/cifar10/... (see experiments.data)"
+        )
+    if not root.is_dir():
+        raise NotADirectoryError(f"data directory {root} (from {origin}) is not a directory")
+    return root
 
 
 def _check_name_split(name: str, split: str) -> None:
@@ -155,12 +169,40 @@ def _load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int32)
 
 
+_TFDS_HOST = "storage.googleapis.com"
+
+
+def _tfds_prepared(tfds_name: str) -> bool:
+    """Whether tensorflow-datasets already holds ``tfds_name`` (no download needed)."""
+    try:
+        import tensorflow_datasets as tfds
+
+        return bool(tfds.builder(tfds_name).is_prepared())
+    except Exception:  # noqa: BLE001  (no TensorFlow, unknown name, ...)
+        return False
+
+
+def _download_host_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to tensorflow-datasets' host, so that an offline machine
+    fails in seconds instead of retrying downloads for minutes."""
+    import socket
+
+    try:
+        socket.create_connection((_TFDS_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _try_tfds(name: str, split: str, allow_download: bool, tried: list[str]) -> Loaded | None:
     tfds_name = _TFDS_NAMES.get(name)
     if tfds_name is None:
         tried.append(f"tensorflow-datasets: no catalog entry for {name!r}")
     elif not allow_download:
         tried.append(f"tensorflow-datasets {tfds_name!r}: skipped (allow_download=False)")
+    elif not _tfds_prepared(tfds_name) and not _download_host_reachable():
+        tried.append(f"tensorflow-datasets {tfds_name!r}: not downloaded, and its download "
+                     f"host {_TFDS_HOST} is unreachable (offline)")  # fmt: skip
     else:
         try:
             x, y = _load_tfds(name, split)
@@ -219,7 +261,7 @@ def load_split_with_source(
         tried.append(f"no data directory (data_dir=None and ${DATA_DIR_ENV} unset)")
     if result is None and name == "fashion_mnist":
         result = _try_system_fashion(split, tried)
-    if result is None:
+    if result is None and root is None:  # tensorflow-datasets only when no directory is given
         result = _try_tfds(name, split, allow_download, tried)
     if result is None:
         raise FileNotFoundError(_not_found_message(name, split, tried))

@@ -50,6 +50,13 @@ def relative_path(path: str | os.PathLike, workdir: str | os.PathLike | None = N
     return Path(os.path.relpath(p, REPO)).as_posix()
 
 
+def resolve_recorded(recorded: str, workdir: str | os.PathLike) -> Path:
+    """The path a result file recorded with ``relative_path``, back as a real path."""
+    if recorded == WORKDIR or recorded.startswith(WORKDIR + "/"):
+        return Path(workdir) / recorded[len(WORKDIR) :].lstrip("/")
+    return REPO / recorded
+
+
 def relative_source(source: str, data_dir: str | os.PathLike | None) -> str:
     """A dataset's source description with the data directory written ``<data_dir>``."""
     if data_dir is None:
@@ -91,6 +98,7 @@ def command_line(workdir: str | os.PathLike) -> str:
 
 
 __all__ = [
+    "resolve_recorded",
     "REPO",
     "command_line",
     "relative_command",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import platform
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import gpfq_jax as gq
 from experiments import checkpoints, data, float_model, paths, plots, reports, runs, training
 from experiments.models import create_model
-from gpfq_jax.atomic import write_json_atomic, write_text_atomic
+from gpfq_jax.atomic import to_json, write_json_atomic, write_text_atomic
 
 TRAIN_KEYS = ("test_accuracy", "val_accuracy", "epochs", "seconds", "dataset_source")
 
@@ -64,6 +65,7 @@ def quantize_experiment(
     checkpoint is found (``experiments.float_model.find_or_train``).
     """
     t_start = time.time()
+    data.resolve_data_dir(config.get("data_dir"))  # a given data directory must exist: fail first
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = float_model.find_or_train(config, workdir, config_file)
@@ -74,13 +76,14 @@ def quantize_experiment(
     logging.info("float: %s", results["float"])
     q = config.quant
     done: dict[runs.Run, dict] = {}
+    finished = finished_runs(workdir, results)
     grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or ())
     for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
         twin = runs.same_alphabet(run, done)
         if twin is not None:
             results["runs"].append(runs.reused_record(done[twin], run))
             continue
-        record = quantize_run(run, setup, q, workdir)
+        record = finished.get(run.name) or quantize_run(run, setup, q, workdir)
         if "error" not in record:
             done[run] = record
         results["runs"].append(record)
@@ -90,6 +93,37 @@ def quantize_experiment(
     results["seconds_total"] = time.time() - t_start
     write_outputs(workdir, results)
     return results
+
+
+# What must match for an earlier run's result to be kept: the whole recorded setup.
+RESUME_KEYS = ("dataset", "dataset_source", "model", "float_checkpoint", "float", "calibration",
+               "c_selection", "config")  # fmt: skip
+
+
+def finished_runs(workdir: Path, results: dict[str, Any]) -> dict[str, dict]:
+    """The successful runs of an earlier (maybe interrupted) ``results.json`` in ``workdir``
+    whose recorded setup equals this one's, by run name, marked ``"resumed": True``; their
+    saved checkpoints must still be there. Empty if there is none or anything differs."""
+    path = workdir / "results.json"
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    now = json.loads(to_json(results))
+    if not isinstance(earlier, dict) or any(earlier.get(k) != now.get(k) for k in RESUME_KEYS):
+        logging.info("%s is from another setup: every run starts afresh", path)
+        return {}
+    kept = {}
+    for record in earlier.get("runs", []):
+        ckpt = record.get("checkpoint")
+        if "error" in record or "same_as" in record:
+            continue
+        if ckpt and not paths.resolve_recorded(ckpt, workdir).is_dir():
+            continue
+        kept[record["name"]] = {**record, "resumed": True}
+    if kept:
+        logging.info("resuming: %d finished run(s) kept from %s", len(kept), path)
+    return kept
 
 
 def load_setup(config: ConfigDict, ckpt: Path) -> Setup:
@@ -223,6 +257,7 @@ __all__ = [
     "quantize_experiment",
     "quantize_run",
     "results_header",
+    "finished_runs",
     "save_run",
     "write_outputs",
 ]

@@ -182,6 +182,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     epoch), ``float/`` and ``train_summary.json`` into ``workdir`` (see ``train.py``).
     """
     t_start = time.time()
+    data.resolve_data_dir(config.data_dir)  # a given data directory must exist: fail first
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     ds = data.load_dataset(

@@ -245,25 +245,49 @@ def test_missing_dataset_names_paths(tmp_path, monkeypatch):
             data.load_split(name, "train", tmp_path, allow_download=False)
         assert str(expected) in str(e.value) and data.DATA_DIR_ENV in str(e.value)
 
-    # allow_download=True: any tfds failure becomes the same FileNotFoundError.
-    def offline(name, split):
-        raise ConnectionError("offline test")
+    # A data directory is given: tensorflow-datasets is never tried (no silent fallback).
+    def must_not_download(name, split):
+        raise AssertionError("tensorflow-datasets must not be tried when a data_dir is given")
 
-    monkeypatch.setattr(data, "_load_tfds", offline)
+    monkeypatch.setattr(data, "_load_tfds", must_not_download)
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIRS", (tmp_path / "sys",))
     with pytest.raises(FileNotFoundError) as e:
         data.load_dataset("fashion_mnist", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "fashion_mnist") in msg and str(tmp_path / "fashion-mnist") in msg
-    assert str(tmp_path / "sys") in msg and "offline test" in msg
+    assert str(tmp_path / "sys") in msg and "tensorflow-datasets" not in msg
+
+    # No data directory: tensorflow-datasets is the fallback; offline it fails at once...
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda name: False)
+    monkeypatch.setattr(data, "_download_host_reachable", lambda: False)
+    with pytest.raises(FileNotFoundError, match="unreachable \\(offline\\)"):
+        data.load_split("mnist", "train")
+
+    # ... and any tfds failure becomes the same FileNotFoundError.
+    def offline(name, split):
+        raise ConnectionError("offline test")
+
+    monkeypatch.setattr(data, "_download_host_reachable", lambda: True)
+    monkeypatch.setattr(data, "_load_tfds", offline)
+    with pytest.raises(FileNotFoundError, match="offline test"):
+        data.load_split("mnist", "train")
 
 
 def test_resolve_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     assert data.resolve_data_dir() is None
+    (tmp_path / "env").mkdir()
+    (tmp_path / "arg").mkdir()
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
     assert data.resolve_data_dir() == tmp_path / "env"
     assert data.resolve_data_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+    # A directory that is given must exist: no silent fallback to another source.
+    with pytest.raises(FileNotFoundError, match=r"data directory .*missing.* \(from data_dir\)"):
+        data.resolve_data_dir(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        data.resolve_data_dir(str(tmp_path / "file"))
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "env" / "mnist"))):
         data.load_split("mnist", "test", allow_download=False)
     with pytest.raises(ValueError, match="unknown dataset"):
