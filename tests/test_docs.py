@@ -129,7 +129,7 @@ def _doc_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_api_examples(tmp_path, capsys):
+def test_api_examples(tmp_path, capsys, monkeypatch):
     blocks = _doc_blocks()
     assert len(blocks) == 4
     for b in blocks[:2]:
@@ -147,7 +147,9 @@ def test_api_examples(tmp_path, capsys):
         ("ternary", "gpfq", 3),
         (8, "rtn", 255),
     ]
-    exec(blocks[3].replace("/tmp/gpfq_example", str(tmp_path)), ns)
+    monkeypatch.chdir(tmp_path)  # the checkpoint is written with a relative path
+    exec(blocks[3], ns)
+    assert (tmp_path / "gpfq_example" / "mlp_q4").is_dir()
     assert ns["report"]["quantized_bytes"] < ns["report"]["float_bytes"]
 
 
