@@ -172,7 +172,7 @@ def restore_orbax(path: Path) -> dict:
     """An orbax PyTree checkpoint's tree (arrays as saved, on the default device)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sharding info not provided")
-        return ocp.PyTreeCheckpointer().restore(path)
+        return ocp.PyTreeCheckpointer().restore(Path(path).absolute())
 
 
 def restore_arrays(path: Path) -> dict:

@@ -40,7 +40,7 @@ def _nbytes(a: Any) -> int:
 def _float_bytes(float_variables: Any) -> tuple[int, int | None]:
     """(in-memory bytes, on-disk bytes or None) of a float tree, NNX model or checkpoint dir."""
     if isinstance(float_variables, str | os.PathLike):
-        p = Path(float_variables)
+        p = Path(float_variables).absolute()
         tree = restore_orbax(p)
         return sum(_nbytes(a) for _, a in flatten_tree(tree)), _dir_bytes(p)
     if isinstance(float_variables, nnx.Module):
@@ -65,7 +65,7 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
         ]
         disk = None
     else:
-        path = Path(res_or_path)
+        path = Path(res_or_path).absolute()
         meta = read_metadata(path)
         tree = restore_arrays(path)
         check_arrays(path, meta, tree)
