@@ -20,7 +20,7 @@ def _problem(rng, m, n, n_out, noise=0.1, dtype=np.float64):
 
 
 def numpy_gpfq(w, x, xq, delta, alphabet, sparsity=None, lam=0.0, uniform=None):
-    """The recurrence in plain numpy loops (the most literal reading of docs/ALGORITHM.md sec. 2)."""
+    """The recurrence in plain numpy loops (the literal reading of docs/ALGORITHM.md sec. 2)."""
     w, x, xq = (np.asarray(a, np.float64) for a in (w, x, xq))
     n, n_out = w.shape
     codes = np.zeros((n, n_out))
