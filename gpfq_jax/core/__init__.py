@@ -9,12 +9,15 @@ quantization with the step search), sharding (placing a layer on several devices
 from gpfq_jax.core.alphabets import (
     Alphabet,
     QuantSpec,
+    bits_per_weight,
     dequantize,
+    expand_groups,
     int_dtype,
     make_alphabet,
     quantize_values,
     round_to_codes,
     step_size,
+    steps_and_zero_points,
 )
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes, gptq_codes_from_factor, gptq_factor
@@ -49,6 +52,7 @@ __all__ = [
     "QuantSpec",
     "StatsAccumulator",
     "accumulate",
+    "bits_per_weight",
     "conv_row_count",
     "conv_rows",
     "conv_rows_at",
@@ -57,6 +61,7 @@ __all__ = [
     "dequantize",
     "error_given_terms",
     "error_terms",
+    "expand_groups",
     "gpfq_data_form",
     "gpfq_gram_form",
     "gptq_codes",
@@ -74,5 +79,6 @@ __all__ = [
     "rtn_codes",
     "stats_from_data",
     "step_size",
+    "steps_and_zero_points",
     "ungrouped_kernel",
 ]

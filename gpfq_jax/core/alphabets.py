@@ -10,9 +10,15 @@ grid        codes (b bits)                               offset   default step r
 "int_full"  -2^(b-1) .. 2^(b-1)-1      (2^b levels)      0        "max"  per channel
 "zzs"       -2^(b-1) .. 2^(b-1)        (2^b + 1 levels)  0        "mean_max" per layer
 "ls"        -2^(b-1) .. 2^(b-1)-1      (2^b levels)      0.5      "median" per layer
+"asym"      0 .. 2^b - 1               (2^b levels)      0        "max" (range) per channel
 ==========  ===========================================  =======  ==================
 
-``bits="ternary"`` (or ``log2(3)``) selects codes {-1, 0, 1} on every grid.
+``bits="ternary"`` (or ``log2(3)``) selects codes {-1, 0, 1} on every grid ({0, 1, 2} on
+"asym").
+
+The "asym" grid's value of code k is ``delta * (k - z)`` with an integer zero point z per
+channel or group; its range rule and group-wise steps (``group_size``) are described in
+``gpfq_jax.core.groups``.
 
 The "ls" grid is the JMLR paper's ``linspace(-1, 1, 2^b) * alpha`` (no zero level): its step is
 ``2 alpha / (2^b - 1)`` and its levels are ``step * (k + 1/2)``. The "zzs" grid is the SIMODS
@@ -30,12 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GRIDS = ("int", "int_full", "zzs", "ls")
+from gpfq_jax.core.groups import asym_range_and_zero, bits_per_weight, expand_groups, group_base
+from gpfq_jax.core.groups import n_groups as n_groups
+
+GRIDS = ("int", "int_full", "zzs", "ls", "asym")
 SCALE_RULES = ("max", "mean_max", "median", "search")
 ROUNDINGS = ("nearest", "stochastic")
 SPARSITIES = (None, "l1", "l0")
-_DEFAULT_RULE = {"int": "max", "int_full": "max", "zzs": "mean_max", "ls": "median"}
-_DEFAULT_PER_CHANNEL = {"int": True, "int_full": True, "zzs": False, "ls": False}
+_DEFAULT_RULE = {"int": "max", "int_full": "max", "zzs": "mean_max", "ls": "median", "asym": "max"}
+_DEFAULT_PER_CHANNEL = {"int": True, "int_full": True, "zzs": False, "ls": False, "asym": True}
 # Multipliers of ``c`` tried by ``scale="search"``: a geometric grid, ratio 2^(1/4) (steps of
 # about 19%), from 1/4 to 4 times the rule's base step. GPFQ's best constant ranges from about
 # 0.5x the absmax step (low bits, heavy-tailed weights) to 3x the median (ternary, JMLR paper),
@@ -89,11 +98,13 @@ class QuantSpec:
 
     Attributes:
       bits: 2..8, or "ternary" (equivalently ``math.log2(3)``) for {-1, 0, 1}.
-      grid: "int" (default), "int_full", "zzs" or "ls" (see the module docstring).
+      grid: "int" (default), "int_full", "zzs", "ls" or "asym" (2^b levels with an integer
+        zero point per channel or group; see the module docstring).
       scale: step-size rule: "max" (absmax), "mean_max" (mean over neurons of each neuron's
         absmax), "median" (median |w|), or "search" (the grid's default rule, with ``c``
         chosen from ``search_grid * c`` to minimise the layer's output error). ``None`` means
-        the grid's default rule.
+        the grid's default rule. The "asym" grid takes "max" (its min/max range rule) or
+        "search" only.
       c: multiplier of the rule's base step (the papers' constant).
       per_channel: one step per output channel (True) or per layer (False). ``None`` means the
         grid's default (True for int grids, False for the papers' grids).
@@ -102,6 +113,13 @@ class QuantSpec:
         numerator by ``lam`` (Zhang, Zhou & Saab 2023, sec. 5).
       lam: the sparsity threshold (>= 0), in units of the numerator <X~_t, u + w_t X_t>.
       search_grid: multipliers of ``c`` tried when ``scale="search"``.
+      group_size: None (steps per channel or per layer, as ``per_channel`` says) or a positive
+        int: one step (and zero point on "asym") per (group of ``group_size`` consecutive input
+        features, output neuron), the rule applied to each group's weights ("mean_max" per
+        group is "max"). The last group is shorter when it does not divide N; ``group_size >=
+        N`` is one group (per channel). With groups, ``per_channel`` only says how
+        ``scale="search"`` chooses ``c``: per neuron (True; all groups of a neuron share its
+        multiplier, since the output error is per neuron) or per layer (False).
     """
 
     bits: int | float | str = 4
@@ -113,6 +131,7 @@ class QuantSpec:
     sparsity: str | None = None
     lam: float = 0.0
     search_grid: tuple[float, ...] = DEFAULT_SEARCH_GRID
+    group_size: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "bits", _checked_bits(self.bits))
@@ -130,6 +149,18 @@ class QuantSpec:
         if not grid:
             raise ValueError("search_grid must be a non-empty sequence of positive multipliers")
         object.__setattr__(self, "search_grid", grid)
+        gs = self.group_size
+        if gs is not None:
+            if isinstance(gs, bool | np.bool_) or not isinstance(gs, int | np.integer):
+                raise TypeError(f"group_size must be a positive int or None, got {gs!r}")
+            if gs < 1:
+                raise ValueError(f"group_size must be a positive int or None, got {gs!r}")
+            object.__setattr__(self, "group_size", int(gs))
+        if self.grid == "asym" and self.scale not in (None, "max", "search"):
+            raise ValueError(
+                f"grid 'asym' uses its min/max range rule: scale must be None, 'max' or "
+                f"'search', got {self.scale!r}"
+            )
 
     def to_dict(self) -> dict:
         """The fields as given (JSON-friendly); ``QuantSpec(**spec.to_dict()) == spec``."""
@@ -185,6 +216,9 @@ def make_alphabet(bits: int | str, grid: str) -> Alphabet:
     """The integer code range and offset of ``grid`` at ``bits``."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+    if grid == "asym":
+        levels = 3 if bits == "ternary" else 2 ** int(bits)
+        return Alphabet(0, levels - 1, 0.0, float(levels - 1))
     if bits == "ternary":
         return Alphabet(-1, 1, 0.0, 1.0)
     half = 2 ** (int(bits) - 1)
@@ -216,22 +250,52 @@ def base_scale(w: jax.Array, rule: str, per_channel: bool) -> jax.Array:
     return jnp.where(v > 0, v, 1.0).astype(w.dtype)
 
 
-def step_size(w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None) -> jax.Array:
-    """The step ``delta`` (N_out,) of ``spec`` for weights ``w`` (N_in, N_out)."""
+def steps_and_zero_points(
+    w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """The steps and zero points of ``spec`` for weights ``w`` (N_in, N_out).
+
+    Returns ``(delta, zero_point)``: (N_out,) each without groups (a per-layer value broadcast
+    to every channel), compact (ceil(N_in / group_size), N_out) with ``spec.group_size``;
+    ``zero_point`` is None except on the "asym" grid (integers stored as floats, independent
+    of ``c``). ``c`` (default ``spec.c``) is a scalar or (N_out,), one multiplier per neuron.
+    """
     c = spec.c if c is None else c
-    return c * base_scale(w, spec.step_rule, spec.channelwise) / spec.alphabet.denominator
+    a = spec.alphabet
+    if spec.grid == "asym":
+        rng, zero = asym_range_and_zero(w, a.kmax, spec.group_size, spec.channelwise)
+        return c * rng / a.denominator, zero
+    if spec.group_size is None:
+        return c * base_scale(w, spec.step_rule, spec.channelwise) / a.denominator, None
+    return c * group_base(w, spec.step_rule, spec.group_size) / a.denominator, None
+
+
+def step_size(w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None) -> jax.Array:
+    """The step ``delta`` of ``spec`` for weights ``w`` (N_in, N_out).
+
+    (N_out,) without groups, compact (ceil(N_in / group_size), N_out) with ``spec.group_size``
+    (see ``steps_and_zero_points``, which also gives the "asym" grid's zero points).
+    """
+    return steps_and_zero_points(w, spec, c)[0]
 
 
 def round_to_codes(
-    x: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
+    x: jax.Array,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    uniform: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
     """Integer codes (as floats) of the levels nearest to ``x``.
 
-    ``delta`` broadcasts against ``x``. With ``uniform`` (same shape as ``x``, in [0, 1)) the
-    rounding is stochastic and unbiased inside the grid's range: ``x`` between two levels goes
-    up with probability equal to its fractional position.
+    ``delta`` (and ``zero_point``, the "asym" grid's integer zero points, levels
+    ``delta * (k - zero_point)``) broadcast against ``x``. With ``uniform`` (same shape as
+    ``x``, in [0, 1)) the rounding is stochastic and unbiased inside the grid's range: ``x``
+    between two levels goes up with probability equal to its fractional position.
     """
     t = x / delta - alphabet.offset
+    if zero_point is not None:
+        t = t + zero_point
     if uniform is None:
         k = jnp.round(t)
     else:
@@ -242,28 +306,43 @@ def round_to_codes(
 
 
 def dequantize(
-    codes: jax.Array, step: jax.Array, offset: float = 0.0, dtype: Any = None
+    codes: jax.Array,
+    step: jax.Array,
+    offset: float = 0.0,
+    dtype: Any = None,
+    *,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
-    """The values of integer ``codes``: ``step * (codes + offset)``.
+    """The values of integer ``codes``: ``step * (codes + offset)``, or with the "asym"
+    grid's ``zero_point``: ``step * ((codes - zero_point) + offset)`` (offset 0 there).
 
     The one dequantization formula of the package (the Gram form, GPTQ, the layer result,
     ``quantize_params``' variables and ``load_quantized`` all call it, so they agree bit for
-    bit). ``step`` broadcasts against ``codes`` (per-channel steps on the last axis).
+    bit). ``step`` and ``zero_point`` broadcast against ``codes`` (per-channel steps on the
+    last axis; group-wise ones expanded to rows with ``expand_groups``).
     ``dtype``: compute and return in this dtype (default: ``step``'s).
     """
     if dtype is None:
+        if zero_point is not None:
+            codes = codes - zero_point
         return step * (codes + offset)
     dtype = jnp.dtype(dtype)
-    return jnp.asarray(step, dtype) * (
-        jnp.asarray(codes).astype(dtype) + jnp.asarray(offset, dtype)
-    )
+    codes = jnp.asarray(codes).astype(dtype)
+    if zero_point is not None:
+        codes = codes - jnp.asarray(zero_point).astype(dtype)
+    return jnp.asarray(step, dtype) * (codes + jnp.asarray(offset, dtype))
 
 
 def quantize_values(
-    x: jax.Array, delta: jax.Array, alphabet: Alphabet, uniform: jax.Array | None = None
+    x: jax.Array,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    uniform: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
     """``Q_A(x)``: the nearest (or stochastically rounded) level."""
-    return dequantize(round_to_codes(x, delta, alphabet, uniform), delta, alphabet.offset)
+    k = round_to_codes(x, delta, alphabet, uniform, zero_point)
+    return dequantize(k, delta, alphabet.offset, zero_point=zero_point)
 
 
 def int_dtype(alphabet: Alphabet, *, storage: bool = False) -> np.dtype:
@@ -305,6 +384,10 @@ __all__: Sequence[str] = (
     "make_alphabet",
     "base_scale",
     "step_size",
+    "steps_and_zero_points",
+    "expand_groups",
+    "n_groups",
+    "bits_per_weight",
     "round_to_codes",
     "dequantize",
     "quantize_values",

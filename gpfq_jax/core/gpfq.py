@@ -7,7 +7,11 @@ For every neuron, for t = 1..N:
     q_t = Q_A( <X~_t, u_{t-1} + w_t X_t> / ||X~_t||^2 ),   u_t = u_{t-1} + w_t X_t - q_t X~_t
 
 with argument 0 where ||X~_t|| = 0. Both forms return integer codes (as floats, shape of
-``w``); values are ``delta * (codes + offset)``. ``delta`` is (N_out,).
+``w``); values are ``delta * (codes + offset)`` (``delta * (codes - zero_point)`` on the
+"asym" grid). ``delta`` is (N_out,) (one step per neuron), or (N, N_out) with one step per
+feature row and neuron (group-wise steps, expanded with ``expand_groups``): the alphabet's
+step changes as the walk crosses a group boundary. ``zero_point`` (None, or broadcastable
+to (N, N_out)) holds the "asym" grid's integer zero points.
 
 Variants: stochastic rounding (``uniform``, an (N, N_out) array of U[0,1) draws shared by
 both forms so that they agree code for code) and L1 / L0 thresholding of the numerator
@@ -47,33 +51,39 @@ def gpfq_data_form(
     sparsity: str | None = None,
     lam: float | jax.Array = 0.0,
     uniform: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
     """Reference GPFQ exactly as written: ``lax.scan`` over features, ``vmap`` over neurons.
 
     Args:
-      w: (N, N_out) weights. x, x_quant: (m, N) inputs. delta: (N_out,) steps.
+      w: (N, N_out) weights. x, x_quant: (m, N) inputs. delta: (N_out,) steps, or (N, N_out)
+        per feature row (group-wise steps).
       uniform: optional (N, N_out) U[0,1) draws for stochastic rounding.
+      zero_point: optional zero points ("asym" grid), broadcastable to (N, N_out).
     Returns: (N, N_out) integer codes (float dtype). Memory and time are O(m N N_out).
     """
     xt, xqt = x.T, x_quant.T
     norms = jnp.einsum("tm,tm->t", xqt, xqt, precision=HIGHEST)
-    stochastic = uniform is not None
+    stochastic, asym = uniform is not None, zero_point is not None
     rand = uniform if stochastic else jnp.zeros_like(w)
+    deltas = jnp.broadcast_to(delta, w.shape)
+    zeros = jnp.broadcast_to(zero_point, w.shape) if asym else jnp.zeros_like(w)
 
-    def neuron(w_col, d, r_col):
+    def neuron(w_col, d_col, r_col, z_col):
         def step(u, inp):
-            w_t, x_t, xq_t, n_t, r_t = inp
+            w_t, x_t, xq_t, n_t, d, r_t, z_t = inp
+            z = z_t if asym else None
             v = u + w_t * x_t
             num = threshold(jnp.dot(xq_t, v, precision=HIGHEST), sparsity, lam)
-            k = round_to_codes(safe_ratio(num, n_t), d, alphabet, r_t if stochastic else None)
-            return v - dequantize(k, d, alphabet.offset) * xq_t, k
+            k = round_to_codes(safe_ratio(num, n_t), d, alphabet, r_t if stochastic else None, z)
+            return v - dequantize(k, d, alphabet.offset, zero_point=z) * xq_t, k
 
         _, codes = jax.lax.scan(
-            step, jnp.zeros(x.shape[0], x.dtype), (w_col, xt, xqt, norms, r_col)
+            step, jnp.zeros(x.shape[0], x.dtype), (w_col, xt, xqt, norms, d_col, r_col, z_col)
         )
         return codes
 
-    return jax.vmap(neuron, in_axes=(1, 0, 1), out_axes=1)(w, delta, rand)
+    return jax.vmap(neuron, in_axes=1, out_axes=1)(w, deltas, rand, zeros)
 
 
 def default_block_size(n: int) -> int:
@@ -101,6 +111,7 @@ def gpfq_gram_form(
     sparsity: str | None = None,
     lam: float | jax.Array = 0.0,
     uniform: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
     """GPFQ from the statistics H = X~^T X~ (``hess``) and G = X~^T X (``cross``), both (N, N).
 
@@ -111,13 +122,16 @@ def gpfq_gram_form(
     columns adds the within-block terms. Blocks are unrolled at trace time (at most about
     16 by default); there is no Python loop over features or neurons.
 
-    Args as ``gpfq_data_form`` with ``hess``, ``cross`` in place of the data.
+    Args as ``gpfq_data_form`` with ``hess``, ``cross`` in place of the data; ``delta`` (N_out,)
+    or (N, N_out) (row t of Q uses row t of the steps), ``zero_point`` as there.
     Returns: (N, N_out) integer codes (float dtype).
     """
     n, n_out = w.shape
     bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
     diag = jnp.diagonal(hess)
-    stochastic = uniform is not None
+    stochastic, asym = uniform is not None, zero_point is not None
+    deltas = jnp.broadcast_to(delta, w.shape)
+    zeros = jnp.broadcast_to(zero_point, w.shape) if asym else jnp.zeros_like(w)
     codes = jnp.zeros_like(w)
     values = jnp.zeros_like(w)
     for s in range(0, n, bs):
@@ -131,15 +145,16 @@ def gpfq_gram_form(
         rand = uniform[s:e] if stochastic else jnp.zeros_like(w_blk)
 
         def step(q_blk, inp, h_bb=h_bb):
-            i, pre_i, h_row, d_i, r_i = inp
+            i, pre_i, h_row, d_i, r_i, delta_i, z_i = inp
+            z = z_i if asym else None
             num = pre_i - jnp.dot(h_row, q_blk, precision=HIGHEST)  # q_blk rows >= i are 0
             num = threshold(num, sparsity, lam)
-            k = round_to_codes(safe_ratio(num, d_i), delta, alphabet, r_i if stochastic else None)
-            return q_blk.at[i].set(dequantize(k, delta, alphabet.offset)), k
+            r = r_i if stochastic else None
+            k = round_to_codes(safe_ratio(num, d_i), delta_i, alphabet, r, z)
+            return q_blk.at[i].set(dequantize(k, delta_i, alphabet.offset, zero_point=z)), k
 
-        q_blk, k_blk = jax.lax.scan(
-            step, jnp.zeros_like(w_blk), (jnp.arange(e - s), pre, h_bb, diag[s:e], rand)
-        )
+        inputs = (jnp.arange(e - s), pre, h_bb, diag[s:e], rand, deltas[s:e], zeros[s:e])
+        q_blk, k_blk = jax.lax.scan(step, jnp.zeros_like(w_blk), inputs)
         codes = codes.at[s:e].set(k_blk)
         values = values.at[s:e].set(q_blk)
     return codes

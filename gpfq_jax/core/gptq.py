@@ -62,26 +62,42 @@ def gptq_factor(
 
 @functools.partial(jax.jit, static_argnames=("alphabet", "block_size"))
 def gptq_codes_from_factor(
-    factor: GptqFactor, delta: jax.Array, alphabet: Alphabet, *, block_size: int | None = None
+    factor: GptqFactor,
+    delta: jax.Array,
+    alphabet: Alphabet,
+    *,
+    block_size: int | None = None,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
-    """GPTQ codes (N, N_out) in the original feature order, steps ``delta`` (N_out,)."""
+    """GPTQ codes (N, N_out) in the original feature order.
+
+    ``delta``: steps (N_out,), or (N, N_out) per feature row in the ORIGINAL feature order
+    (group-wise steps fixed from the float weights; with act-order they are permuted along
+    with the features, so each weight keeps its own group's step). ``zero_point``: the "asym"
+    grid's zero points, broadcastable to (N, N_out), original order.
+    """
     w, upper, perm = factor
     n = w.shape[0]
     bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
+    asym = zero_point is not None
+    deltas = jnp.broadcast_to(delta, w.shape)[perm]
+    zeros = jnp.broadcast_to(zero_point, w.shape)[perm] if asym else jnp.zeros_like(w)
     codes = []
     for s in range(0, n, bs):
         e = min(s + bs, n)
         u_bb = upper[s:e, s:e]
 
         def step(w_blk, inp, u_bb=u_bb):
-            i, u_row = inp
+            i, u_row, d, z_i = inp
+            z = z_i if asym else None
             w_i = w_blk[i]
-            k = round_to_codes(w_i, delta, alphabet)
-            err = (w_i - dequantize(k, delta, alphabet.offset)) / u_bb[i, i]
+            k = round_to_codes(w_i, d, alphabet, None, z)
+            err = (w_i - dequantize(k, d, alphabet.offset, zero_point=z)) / u_bb[i, i]
             # U is upper triangular: u_row[j] = 0 for j < i, so earlier rows stay as they were.
             return w_blk - u_row[:, None] * err[None, :], (k, err)
 
-        _, (k_blk, err_blk) = jax.lax.scan(step, w[s:e], (jnp.arange(e - s), u_bb))
+        inputs = (jnp.arange(e - s), u_bb, deltas[s:e], zeros[s:e])
+        _, (k_blk, err_blk) = jax.lax.scan(step, w[s:e], inputs)
         codes.append(k_blk)
         if e < n:
             w = w.at[e:].add(-jnp.dot(upper[s:e, e:].T, err_blk, precision=HIGHEST))
@@ -98,14 +114,18 @@ def gptq_codes(
     damp: float = 0.01,
     block_size: int | None = None,
     act_order: bool = False,
+    zero_point: jax.Array | None = None,
 ) -> jax.Array:
-    """GPTQ codes (N, N_out) for weights ``w`` (N, N_out), H = X~^T X~ (N, N), steps (N_out,).
+    """GPTQ codes (N, N_out) for weights ``w`` (N, N_out), H = X~^T X~ (N, N), steps (N_out,)
+    or (N, N_out) per feature row, optional "asym" zero points.
 
     ``gptq_factor`` then ``gptq_codes_from_factor``; to try several steps on one layer, factor
     once and call the latter per step.
     """
     factor = gptq_factor(w, hess, damp=damp, act_order=act_order)
-    return gptq_codes_from_factor(factor, delta, alphabet, block_size=block_size)
+    return gptq_codes_from_factor(
+        factor, delta, alphabet, block_size=block_size, zero_point=zero_point
+    )
 
 
 __all__ = [

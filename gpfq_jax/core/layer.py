@@ -5,12 +5,13 @@ A kernel in Flax layout ((N_in, N_out) for Dense, (kh, kw, cin/g, cout) for Conv
 N = kh*kw*cin/g, solved together (vmapped over groups, all neurons at once). The steps come
 from the spec's rule; with ``scale="search"`` each candidate multiplier of the step is tried
 and the one with the smallest output error (from the statistics) is kept, per channel or per
-layer.
+layer. With ``spec.group_size`` the steps (and "asym" zero points) are per (group of input
+features, neuron), fixed up front from the float weights; the search multiplier is still per
+neuron (or per layer), since the output error is per neuron.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any
@@ -19,12 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.core.alphabets import QuantSpec, as_spec, dequantize, describe, int_dtype, step_size
+from gpfq_jax.core.alphabets import (
+    QuantSpec,
+    as_spec,
+    dequantize,
+    expand_groups,
+    int_dtype,
+    steps_and_zero_points,
+)
 from gpfq_jax.core.gpfq import gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
 from gpfq_jax.core.numerics import check_finite, max_abs, pow2_normalizer
 from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms
 from gpfq_jax.core.patches import grouped_kernel, ungrouped_kernel
+from gpfq_jax.core.result import LayerResult
 from gpfq_jax.core.rtn import rtn_codes
 from gpfq_jax.core.sharding import pad_to_multiple, replicate, resolve_mesh, shard_along
 from gpfq_jax.core.stats import LayerStats, stats_from_data
@@ -32,50 +41,9 @@ from gpfq_jax.core.stats import LayerStats, stats_from_data
 METHODS = ("gpfq", "rtn", "gptq")
 
 
-@dataclasses.dataclass
-class LayerResult:
-    """A quantized layer.
-
-    q: dequantized kernel, shape and layout of the input kernel.
-    codes: integer codes, same shape (int8, or int16 when the alphabet needs it).
-    step: the step delta: (N_out,) per channel, or a scalar () per layer; ``scale`` is the
-      same array under its public name. Values are ``step * (codes + offset)``.
-    rel_error: ||X W - X~ Q||_F / ||X W||_F over the calibration data (from the statistics).
-    c: the step multiplier used ((N_out,) when chosen per channel by ``scale="search"``).
-    """
-
-    q: jax.Array
-    codes: jax.Array
-    step: jax.Array
-    rel_error: float
-    spec: QuantSpec
-    method: str
-    c: Any
-    offset: float
-    seconds: float = 0.0
-
-    @property
-    def scale(self) -> jax.Array:
-        """The step array (the public name the README and checkpoints use)."""
-        return self.step
-
-    @property
-    def levels(self) -> int:
-        return self.spec.alphabet.levels
-
-    @property
-    def storage_bits(self) -> int:
-        return self.spec.alphabet.storage_bits
-
-    def summary(self) -> dict:
-        c = np.asarray(self.c)
-        return {
-            **describe(self.spec),
-            "method": self.method,
-            "rel_error": self.rel_error,
-            "c": float(c) if c.ndim == 0 else [float(v) for v in c],
-            "seconds": self.seconds,
-        }
+def _rows(a: jax.Array | None) -> jax.Array | None:
+    """Per-neuron (g, n) -> (g, 1, n), so that it broadcasts against (g, N, n); (g, N, n) as is."""
+    return a[:, None, :] if a is not None and a.ndim == 2 else a
 
 
 def _method_codes(
@@ -87,28 +55,47 @@ def _method_codes(
     uniform: jax.Array | None,
     block_size: int | None,
     gptq: GptqFactor | None,
+    zero_g: jax.Array | None = None,
 ) -> jax.Array:
-    """Codes (g, N, n) of ``method`` for grouped weights (g, N, n) and steps (g, n)."""
+    """Codes (g, N, n) of ``method`` for grouped weights (g, N, n) and steps (g, n) per neuron
+    or (g, N, n) per feature row (group-wise); zero points ("asym") shaped like the steps."""
     alphabet = spec.alphabet
     if method == "rtn":
-        return rtn_codes(w_g, delta_g[:, None, :], alphabet, uniform)
+        return rtn_codes(w_g, _rows(delta_g), alphabet, uniform, zero_point=_rows(zero_g))
     if method == "gpfq":
 
-        def solve(w, h, cross, d, u):
+        def solve(w, h, cross, d, u, z):
             return gpfq_gram_form(
                 w, h, cross, d, alphabet, block_size=block_size, sparsity=spec.sparsity,
-                lam=spec.lam, uniform=u,
+                lam=spec.lam, uniform=u, zero_point=z,
             )  # fmt: skip
 
-        if uniform is None:
-            return jax.vmap(lambda w, h, cross, d: solve(w, h, cross, d, None))(
-                w_g, stats.hess, stats.cross, delta_g
-            )
-        return jax.vmap(solve)(w_g, stats.hess, stats.cross, delta_g, uniform)
+        args = (w_g, stats.hess, stats.cross, delta_g, uniform, zero_g)
+        axes = tuple(None if a is None else 0 for a in args)
+        return jax.vmap(solve, in_axes=axes)(*args)
+
     # gptq: the factor (step-independent) was computed once per layer, outside the search
-    return jax.vmap(lambda f, d: gptq_codes_from_factor(f, d, alphabet, block_size=block_size))(
-        gptq, delta_g
+    def solve_gptq(f, d, z):
+        return gptq_codes_from_factor(f, d, alphabet, block_size=block_size, zero_point=z)
+
+    return jax.vmap(solve_gptq, in_axes=(0, 0, None if zero_g is None else 0))(
+        gptq, delta_g, zero_g
     )
+
+
+def _grouped_steps(
+    mat: jax.Array, spec: QuantSpec, c: Any, groups: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """Steps and zero points of kernel matrix ``mat`` (N, cout) for the conv groups:
+    (g, n) per neuron, or (g, N, n) per feature row with ``spec.group_size``."""
+    delta, zero = steps_and_zero_points(mat, spec, c)
+    if spec.group_size is None:
+        return delta.reshape(groups, -1), None if zero is None else zero.reshape(groups, -1)
+    n = mat.shape[0]
+    delta = grouped_kernel(expand_groups(delta, n, spec.group_size), groups)
+    if zero is not None:
+        zero = grouped_kernel(expand_groups(zero, n, spec.group_size), groups)
+    return delta, zero
 
 
 def _validate_options(method: Any, key: Any, damp: Any, block_size: Any, act_order: Any) -> None:
@@ -193,11 +180,12 @@ def _search(
     best = None
     for mult in multipliers:
         c = spec.c * mult
-        delta_g = step_size(mat, spec, c).reshape(groups, -1)  # (g, n)
+        delta_g, zero_g = _grouped_steps(mat, spec, c, groups)  # (g, n) or (g, N, n)
         if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
             delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
-        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq)
-        q_g = dequantize(codes, delta_g[:, None, :], spec.alphabet.offset)
+            zero_g = None if zero_g is None else shard_along(zero_g, mesh, -1)
+        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq, zero_g)
+        q_g = dequantize(codes, _rows(delta_g), spec.alphabet.offset, zero_point=_rows(zero_g))
         err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]  # (g, n)
         cand = (codes[..., :n_cols], err, jnp.full(err.shape, c, err.dtype))
         if best is None:
@@ -232,11 +220,22 @@ def _assemble(
     """
     dtype = err.dtype
     c_out = c_g.reshape(-1)
-    delta = step_size(mat, spec, c_out if spec.channelwise else c_out[0]) / kernel_scale
+    gs = spec.group_size
+    delta, zero = steps_and_zero_points(mat, spec, c_out if spec.channelwise else c_out[0])
+    delta = delta / kernel_scale
     codes = ungrouped_kernel(codes_g, mat.shape)
-    q = dequantize(codes, delta, spec.alphabet.offset)
+    n = mat.shape[0]
+    q = dequantize(
+        codes,
+        expand_groups(delta, n, gs),
+        spec.alphabet.offset,
+        zero_point=expand_groups(zero, n, gs),
+    )
     rel = float(jnp.sqrt(err.sum() / jnp.maximum(ref.sum(), jnp.finfo(dtype).tiny)))
-    step = delta if spec.channelwise else delta[0]
+    per_layer = gs is None and not spec.channelwise
+    step = delta[0] if per_layer else delta
+    if zero is not None:
+        zero = (zero[0] if per_layer else zero).astype(kernel.dtype)
     c_val = c_out if (spec.channelwise and spec.scale == "search") else c_out[0]
     return LayerResult(
         q=q.reshape(kernel.shape).astype(kernel.dtype),
@@ -248,6 +247,8 @@ def _assemble(
         c=c_val,
         offset=spec.alphabet.offset,
         seconds=time.perf_counter() - start,
+        zero_point=zero,
+        group_size=gs,
     )
 
 

@@ -1,0 +1,88 @@
+"""The result of quantizing one layer: codes, steps (and zero points), the dequantized kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from gpfq_jax.core.alphabets import QuantSpec, describe
+from gpfq_jax.core.groups import expand_groups
+
+
+@dataclasses.dataclass
+class LayerResult:
+    """A quantized layer.
+
+    q: dequantized kernel, shape and layout of the input kernel.
+    codes: integer codes, same shape (int8, or int16 when the alphabet needs it).
+    step: the step delta: (N_out,) per channel, a scalar () per layer, or compact
+      (ceil(N / group_size), N_out) with group-wise steps (N = prod(kernel.shape[:-1])); ``scale``
+      is the same array under its public name. Values are ``step * (codes + offset)``, or
+      ``step * (codes - zero_point)`` on the "asym" grid; with groups use ``weight_step`` /
+      ``weight_zero_point`` (broadcastable against ``codes``):
+      ``q == dequantize(codes, r.weight_step, r.offset, zero_point=r.weight_zero_point)``.
+    rel_error: ||X W - X~ Q||_F / ||X W||_F over the calibration data (from the statistics).
+    c: the step multiplier used ((N_out,) when chosen per channel by ``scale="search"``).
+    zero_point: the "asym" grid's integer zero points (float array, shape of ``step``); None on
+      the symmetric grids.
+    group_size: ``spec.group_size`` (None: no groups).
+    """
+
+    q: jax.Array
+    codes: jax.Array
+    step: jax.Array
+    rel_error: float
+    spec: QuantSpec
+    method: str
+    c: Any
+    offset: float
+    seconds: float = 0.0
+    zero_point: jax.Array | None = None
+    group_size: int | None = None
+
+    @property
+    def scale(self) -> jax.Array:
+        """The step array (the public name the README and checkpoints use)."""
+        return self.step
+
+    def _per_weight(self, a: jax.Array | None) -> jax.Array | None:
+        if a is None or self.group_size is None:
+            return a
+        shape = self.codes.shape
+        rows = expand_groups(a, math.prod(shape[:-1]), self.group_size)
+        return rows.reshape(shape)
+
+    @property
+    def weight_step(self) -> jax.Array:
+        """The step of every weight, broadcastable against ``codes`` (kernel-shaped with groups)."""
+        return self._per_weight(self.step)
+
+    @property
+    def weight_zero_point(self) -> jax.Array | None:
+        """The zero point of every weight (None on symmetric grids), like ``weight_step``."""
+        return self._per_weight(self.zero_point)
+
+    @property
+    def levels(self) -> int:
+        return self.spec.alphabet.levels
+
+    @property
+    def storage_bits(self) -> int:
+        return self.spec.alphabet.storage_bits
+
+    def summary(self) -> dict:
+        c = np.asarray(self.c)
+        return {
+            **describe(self.spec),
+            "method": self.method,
+            "rel_error": self.rel_error,
+            "c": float(c) if c.ndim == 0 else [float(v) for v in c],
+            "seconds": self.seconds,
+        }
+
+
+__all__ = ["LayerResult"]
