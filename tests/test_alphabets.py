@@ -31,6 +31,9 @@ GRID = st.sampled_from(["int", "int_full", "zzs", "ls"])
         ("ls", 3, 8, 3),
         ("int", "ternary", 3, 2),
         ("ls", "ternary", 3, 2),
+        ("asym", 4, 16, 4),  # codes 0..15 with a zero point
+        ("asym", 8, 256, 8),
+        ("asym", "ternary", 3, 2),
     ],
 )
 def test_levels_and_storage_bits(grid, bits, levels, storage):
