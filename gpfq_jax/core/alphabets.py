@@ -271,11 +271,7 @@ def steps_and_zero_points(
 
 
 def step_size(w: jax.Array, spec: QuantSpec, c: float | jax.Array | None = None) -> jax.Array:
-    """The step ``delta`` of ``spec`` for weights ``w`` (N_in, N_out).
-
-    (N_out,) without groups, compact (ceil(N_in / group_size), N_out) with ``spec.group_size``
-    (see ``steps_and_zero_points``, which also gives the "asym" grid's zero points).
-    """
+    """The steps ``delta`` of ``spec`` for ``w`` (N_in, N_out): ``steps_and_zero_points``'s."""
     return steps_and_zero_points(w, spec, c)[0]
 
 
