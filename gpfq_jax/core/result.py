@@ -9,8 +9,31 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpfq_jax.core.alphabets import QuantSpec, describe
+from gpfq_jax.core.alphabets import QuantSpec, dequantize, describe
 from gpfq_jax.core.groups import expand_groups
+
+
+def kernel_values(
+    codes: jax.Array,
+    step: jax.Array,
+    offset: float = 0.0,
+    *,
+    zero_point: jax.Array | None = None,
+    group_size: int | None = None,
+    dtype: Any = None,
+) -> jax.Array:
+    """A quantized kernel's values from its codes (kernel-shaped) and its compact steps and
+    zero points ((N_out,), () or, with ``group_size``, (ceil(N / group_size), N_out)):
+    ``dequantize`` after expanding the groups to the kernel's rows."""
+    shape = codes.shape
+    n = math.prod(shape[:-1])
+
+    def per_weight(a):
+        if a is None or group_size is None:
+            return a
+        return expand_groups(a, n, group_size).reshape(shape)
+
+    return dequantize(codes, per_weight(step), offset, dtype, zero_point=per_weight(zero_point))
 
 
 @dataclasses.dataclass
@@ -66,6 +89,11 @@ class LayerResult:
         """The zero point of every weight (None on symmetric grids), like ``weight_step``."""
         return self._per_weight(self.zero_point)
 
+    def values(self, dtype: Any = None) -> jax.Array:
+        """``kernel_values`` of this result in ``dtype`` (default: the steps' dtype)."""
+        return kernel_values(self.codes, self.step, self.offset, zero_point=self.zero_point,
+                             group_size=self.group_size, dtype=dtype)  # fmt: skip
+
     @property
     def levels(self) -> int:
         return self.spec.alphabet.levels
@@ -85,4 +113,4 @@ class LayerResult:
         }
 
 
-__all__ = ["LayerResult"]
+__all__ = ["LayerResult", "kernel_values"]

@@ -7,7 +7,8 @@ Layout of a checkpoint directory ``path``::
     path/gpfq_quantized.json     metadata: leaf paths, dtypes, layers (spec, offset, ...)
 
 Codes are stored in the smallest signed integer dtype holding the alphabet
-(``int_dtype(alphabet, storage=True)``: int4 for up to 16 levels, else int8/int16); orbax
+(``storage_layout``: int4 for up to 16 levels, else int8/int16, shifted into the signed range
+for the "asym" grid's unsigned codes); orbax
 saves jnp.int4 on CPU (tensorstore zarr with zstd, so on disk a code costs about its
 entropy). Leaves of the variables tree are addressed by their key path (str and int keys
 kept as such in JSON); typed PRNG keys (NNX ``Rngs``) are stored as key data plus their
@@ -34,7 +35,8 @@ from flax import nnx
 from flax.core import FrozenDict, unfreeze
 
 from gpfq_jax.atomic import atomic_path, write_text_atomic
-from gpfq_jax.core.alphabets import dequantize, int_dtype
+from gpfq_jax.core.alphabets import storage_layout
+from gpfq_jax.core.result import kernel_values
 from gpfq_jax.flax.checkpoint_format import (
     ARRAYS,
     META,
@@ -98,7 +100,7 @@ def save_quantized(
     path = Path(path).absolute()
     _check_destination(path, overwrite)
     kernels = {kernel_path(res.framework, r.path): r for r in res.layers}
-    floats, codes, scales, leaves, layers = {}, {}, {}, [], []
+    floats, codes, scales, zeros, leaves, layers = {}, {}, {}, {}, [], []
     for p, leaf in flatten_tree(res.variables):
         if p in kernels:
             continue
@@ -109,9 +111,11 @@ def save_quantized(
         floats[str(len(floats))] = jnp.asarray(leaf)
         leaves.append(entry)
     for i, (p, r) in enumerate(kernels.items()):
-        code_dtype = int_dtype(r.spec.alphabet, storage=True)
-        codes[str(i)] = jnp.asarray(r.codes).astype(code_dtype)
+        code_dtype, shift = storage_layout(r.spec.alphabet)
+        codes[str(i)] = (jnp.asarray(r.codes, jnp.int32) + shift).astype(code_dtype)
         scales[str(i)] = jnp.asarray(r.scale)
+        if r.result.zero_point is not None:  # integers in the code range: stored like codes
+            zeros[str(i)] = (jnp.asarray(r.result.zero_point) + shift).astype(code_dtype)
         layers.append(
             {
                 "path": list(p),
@@ -120,7 +124,9 @@ def save_quantized(
                 "shape": list(r.shape),
                 "dtype": jnp.dtype(r.scale.dtype).name,
                 "code_dtype": code_dtype.name,
+                "code_shift": shift,
                 "offset": float(r.offset),
+                "group_size": r.result.group_size,
                 "spec": r.spec.to_dict(),
                 "method": r.method,
                 "levels": r.levels,
@@ -129,7 +135,7 @@ def save_quantized(
                 "c": np.asarray(r.c, np.float64).tolist(),
             }
         )
-    arrays = {"codes": codes, "scales": scales, "float": floats}
+    arrays = {"codes": codes, "scales": scales, "zeros": zeros, "float": floats}
     meta = {
         "framework": res.framework,
         "leaves": leaves,
@@ -168,6 +174,12 @@ def _write_arrays(path: Path, tree: dict) -> None:
     ckpt.save(path, tree)
 
 
+def _stored_ints(tree: dict, group: str, i: int, shift: int) -> jax.Array | None:
+    """Layer ``i``'s codes or zero points as saved, with the storage shift undone (int32)."""
+    a = tree[group].get(str(i))
+    return None if a is None else jnp.asarray(a).astype(jnp.int32) - shift
+
+
 def restore_orbax(path: Path) -> dict:
     """An orbax PyTree checkpoint's tree (arrays as saved, on the default device)."""
     with warnings.catch_warnings():
@@ -204,8 +216,13 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
             leaf = jax.random.wrap_key_data(leaf, impl=e["prng_impl"])
         pairs.append((tuple(e["path"]), leaf))
     for i, lay in enumerate(meta["layers"]):
-        codes = jnp.asarray(tree["codes"][str(i)])
-        kernel = dequantize(codes, tree["scales"][str(i)], lay["offset"], lay["dtype"])
+        codes = _stored_ints(tree, "codes", i, lay["code_shift"])
+        zero_point = _stored_ints(tree, "zeros", i, lay["code_shift"])
+        kernel = kernel_values(
+            codes, tree["scales"][str(i)], lay["offset"], group_size=lay["group_size"],
+            zero_point=None if zero_point is None else zero_point.astype(lay["dtype"]),
+            dtype=lay["dtype"],
+        )  # fmt: skip
         pairs.append((tuple(lay["path"]), kernel))
     variables = _unflatten(pairs)
     if model is None:

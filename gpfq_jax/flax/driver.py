@@ -3,7 +3,7 @@
 For layer l: run the float model and the model whose layers < l are already quantized on the
 same calibration batches, capture layer l's input in both (a jitted prefix of the model that
 returns only that input), stream the batches into a ``StatsAccumulator`` (H, G, F), quantize
-with ``quantize_from_stats``, write the dequantized kernel ``scale * (codes + offset)`` back
+with ``quantize_from_stats``, write the dequantized kernel (``LayerResult.values``) back
 into the quantized model, and go on. Only one batch of one layer's inputs is alive at a time.
 
 The "float model" is the user's model, after BatchNorm folding when ``fold_batchnorm=True``.
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from gpfq_jax.core.alphabets import QuantSpec, dequantize
+from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.layer import quantize_from_stats
 from gpfq_jax.core.numerics import max_abs
 from gpfq_jax.core.sharding import replicate, resolve_mesh
@@ -327,7 +327,7 @@ def _quantize_layer(
                     f"statistics: a {jnp.dtype(stats_dtype).name} overflow, or NaN/Inf inputs "
                     "from earlier layers; check the calibration data's scale)")  # fmt: skip
         raise type(e)(f"layer {layer.name!r}: {e}{hint}") from e
-    q = jax.block_until_ready(dequantize(r.codes, r.step, r.offset, kernel.dtype))
+    q = jax.block_until_ready(r.values(kernel.dtype))
     record.quant_seconds = time.perf_counter() - t0
     record.result = r
     target.set_kernel(layer, q)

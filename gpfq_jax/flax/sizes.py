@@ -48,12 +48,19 @@ def _float_bytes(float_variables: Any) -> tuple[int, int | None]:
     return sum(_nbytes(a) for _, a in flatten_tree(float_variables)), None
 
 
+def _step_bytes(step: Any, zero_point: Any, storage_bits: int) -> int:
+    """Bytes of a layer's steps plus its zero points (asym grid; stored at the codes' bits)."""
+    zeros = 0 if zero_point is None else math.ceil(np.size(zero_point) * storage_bits / 8)
+    return _nbytes(step) + zeros
+
+
 def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables: Any) -> dict:
     """Float vs quantized sizes in bytes.
 
     float_variables: the float variables tree, NNX model, or a float orbax checkpoint directory
     (then its disk size is reported too). In memory, codes count at their storage bits
-    (``ceil(n * storage_bits / 8)`` per layer), plus scales and all non-quantized leaves.
+    (``ceil(n * storage_bits / 8)`` per layer), plus steps (and the asym grid's zero points;
+    one per channel, or per group of ``group_size`` inputs) and all non-quantized leaves.
     On disk: the checkpoint directory's size when ``res_or_path`` is a path.
     """
     if isinstance(res_or_path, QuantizeResult):
@@ -61,7 +68,13 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
         kernels = {kernel_path(res.framework, r.path) for r in res.layers}
         other = sum(_nbytes(a) for p, a in flatten_tree(res.variables) if p not in kernels)
         layer_sizes = [
-            (r.name, int(np.prod(r.shape)), r.storage_bits, _nbytes(r.scale)) for r in res.layers
+            (
+                r.name,
+                int(np.prod(r.shape)),
+                r.storage_bits,
+                _step_bytes(r.scale, r.result.zero_point),
+            )
+            for r in res.layers
         ]
         disk = None
     else:
@@ -75,7 +88,7 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
                 lay["name"],
                 int(np.prod(lay["shape"])),
                 lay["storage_bits"],
-                _nbytes(tree["scales"][str(i)]),
+                _step_bytes(tree["scales"][str(i)], tree["zeros"].get(str(i)), lay["storage_bits"]),
             )
             for i, lay in enumerate(meta["layers"])
         ]
