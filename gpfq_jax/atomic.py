@@ -5,8 +5,10 @@ folder, then renamed onto the final path; a failure or an interruption (exceptio
 removes the temporary and leaves whatever stood at the path before untouched. Replacing a
 directory swaps it out by two renames (the old one goes to ``.NAME.old-XXXXXXXX`` and is
 deleted after the new one is in place). A process killed outright can leave such hidden
-siblings behind: ``remove_stale_siblings`` deletes them, and every atomic write of a path
-calls it first.
+siblings behind, and a kill between the two renames leaves the path itself missing with its
+old version parked: ``remove_stale_siblings`` (called first by every atomic write of a path)
+restores a parked version whose path is missing and deletes the rest; readers call
+``recover_interrupted`` first.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-_KINDS = ("tmp", "old")
-
 
 def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
@@ -37,12 +37,34 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
-    """Delete the hidden temporaries an interrupted atomic write of ``path`` left behind."""
-    path = Path(path)
+def _siblings(path: Path, kind: str) -> list[Path]:
     if not path.parent.is_dir():
         return []
-    stale = [p for kind in _KINDS for p in path.parent.glob(f".{path.name}.{kind}-*")]
+    found = path.parent.glob(f".{path.name}.{kind}-*")
+    return sorted(found, key=lambda p: p.lstat().st_mtime_ns)
+
+
+def recover_interrupted(path: str | os.PathLike) -> Path | None:
+    """If a directory swap was interrupted between its two renames (``path`` gone, the old
+    version parked as ``.NAME.old-*``), move the newest parked version back to ``path``.
+    Returns what was restored, or None."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return None
+    parked = _siblings(path, "old")
+    if not parked:
+        return None
+    os.rename(parked[-1], path)
+    return parked[-1]
+
+
+def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Clean up after interrupted atomic writes of ``path``: restore a parked old version if
+    ``path`` itself is missing (``recover_interrupted``), then delete the temporaries and the
+    parked versions that ``path`` has replaced."""
+    path = Path(path)
+    recover_interrupted(path)
+    stale = _siblings(path, "tmp") + (_siblings(path, "old") if path.exists() else [])
     for p in stale:
         _remove(p)
     return stale
@@ -113,6 +135,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 __all__ = [
     "atomic_path",
+    "recover_interrupted",
     "remove_stale_siblings",
     "to_json",
     "write_json_atomic",

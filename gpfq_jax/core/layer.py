@@ -30,7 +30,14 @@ from gpfq_jax.core.alphabets import (
 )
 from gpfq_jax.core.gpfq import gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
-from gpfq_jax.core.numerics import check_finite, max_abs, pow2_normalizer
+from gpfq_jax.core.numerics import (
+    as_float32_safe,
+    check_finite,
+    check_real,
+    max_abs,
+    pow2_normalizer,
+    scaled,
+)
 from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms
 from gpfq_jax.core.patches import grouped_kernel, ungrouped_kernel
 from gpfq_jax.core.result import LayerResult
@@ -279,14 +286,14 @@ def quantize_from_stats(
     """
     spec = as_spec(spec)
     _validate_options(method, key, damp, block_size, act_order)
-    kernel = jnp.asarray(kernel)
+    kernel = as_float32_safe("kernel", kernel)
     _validate(kernel, stats, spec, method, key)
     start = time.perf_counter()
     dtype = stats.hess.dtype
     # Exact power-of-two normalization (the accumulator applied the same one to its kernel):
     # the work is done on kernel_scale * W and the steps are divided by it at the end.
     kernel_scale = pow2_normalizer(max_abs(kernel))
-    mat = (kernel.reshape(-1, kernel.shape[-1]) * kernel_scale).astype(dtype)
+    mat = scaled(kernel.reshape(-1, kernel.shape[-1]), kernel_scale).astype(dtype)
     w_g = grouped_kernel(mat, stats.groups)
     uniform = None
     if spec.rounding == "stochastic":
@@ -329,7 +336,7 @@ def quantize_layer(
       spec, method, kwargs: as ``quantize_from_stats``.
     Returns: LayerResult with q, codes (shape of w), scale ((N_out,) or ()), rel_error.
     """
-    w, x = jnp.asarray(w), jnp.asarray(x)
+    w, x = as_float32_safe("w", w), as_float32_safe("x", x)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(
             f"w dtype {w.dtype} is not a floating type: quantize float weights "
@@ -341,11 +348,13 @@ def quantize_layer(
         raise ValueError(
             f"x must be (m, {w.shape[0]}) to match w {tuple(w.shape)}; got shape {tuple(x.shape)}"
         )
-    xq = x if x_quant is None else jnp.asarray(x_quant)
+    xq = x if x_quant is None else as_float32_safe("x_quant", x_quant)
     if xq.shape != x.shape:
         raise ValueError(f"x_quant shape {tuple(xq.shape)} differs from x shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError("empty calibration data: x has 0 rows")
+    check_real("x", x)
+    check_real("x_quant", xq)
     check_finite("x", x)
     if x_quant is not None:
         check_finite("x_quant", xq)

@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpfq_jax.core.numerics import HIGHEST, max_abs, pow2_normalizer
+from gpfq_jax.core.numerics import (
+    HIGHEST,
+    as_float32_safe,
+    check_real,
+    max_abs,
+    pow2_normalizer,
+    scaled,
+)
 from gpfq_jax.core.patches import (
     ConvGeometry,
     check_conv_input,
@@ -134,11 +141,19 @@ def stats_from_data(
     Inputs far outside float32's comfortable range are first multiplied by one exact power of
     two (``pow2_normalizer``); the statistics are then those of the scaled rows.
     """
+    x = as_float32_safe("x", x)
+    x_quant = None if x_quant is None else as_float32_safe("x_quant", x_quant)
+    check_real("x", x)
+    if x_quant is not None:
+        check_real("x_quant", x_quant)
+        if x_quant.shape != x.shape:
+            raise ValueError(f"x_quant shape {tuple(x_quant.shape)} differs from x shape "
+                             f"{tuple(x.shape)}")  # fmt: skip
     scale = pow2_normalizer(max_abs(x, x_quant))
     return accumulate(
         init_stats(x.shape[-1], 1, dtype),
-        dense_rows(x * scale),
-        None if x_quant is None else dense_rows(x_quant * scale),
+        dense_rows(scaled(x, scale)),
+        None if x_quant is None else dense_rows(scaled(x_quant, scale)),
     )
 
 
@@ -172,8 +187,14 @@ class StatsAccumulator:
         mesh=None,
         kernel: jax.Array | None = None,
     ):
+        if isinstance(patch_fraction, bool) or not isinstance(
+            patch_fraction, int | float | np.integer | np.floating
+        ):
+            raise TypeError(f"patch_fraction must be a number in (0, 1], got {patch_fraction!r}")
         if not 0 < patch_fraction <= 1:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+            raise ValueError(f"statistics dtype must be float32 or float64, got {jnp.dtype(dtype)}")
         self.geometry = geometry
         groups = 1 if geometry is None else geometry.feature_group_count
         self._w = None
@@ -188,7 +209,7 @@ class StatsAccumulator:
                     f"kernel shape {tuple(kernel.shape)} does not match {groups} "
                     f"group(s) of {features} input features"
                 )
-            kernel = kernel * pow2_normalizer(max_abs(kernel))
+            kernel = scaled(kernel, pow2_normalizer(max_abs(kernel)))
             self._w = grouped_kernel(kernel, groups).astype(dtype)
         self.stats = init_stats(
             features, groups, dtype, neurons=None if self._w is None else self._w.shape[-1]
@@ -226,13 +247,16 @@ class StatsAccumulator:
     def update(self, x: jax.Array, x_quant: jax.Array | None = None) -> StatsAccumulator:
         """Add one batch of layer inputs (float model ``x``, quantized model ``x_quant``)."""
         same = x_quant is None or x_quant is x  # first layer: one product instead of three
-        xq = x if x_quant is None else x_quant
+        x = as_float32_safe("x", x)
+        xq = x if same else as_float32_safe("x_quant", x_quant)
+        check_real("x", x)
+        check_real("x_quant", xq)
         if tuple(x.shape) != tuple(xq.shape):
             raise ValueError(f"x {tuple(x.shape)} and x_quant {tuple(xq.shape)} differ in shape")
         if self.row_scale is None:
             self.row_scale = pow2_normalizer(max_abs(x, None if same else xq))
         if self.row_scale != 1.0:  # exact: a power of two
-            x, xq = x * self.row_scale, xq * self.row_scale
+            x, xq = scaled(x, self.row_scale), scaled(xq, self.row_scale)
         idx = self._kept_rows(x.shape)
         if idx is None:
             r = self.rows(x)

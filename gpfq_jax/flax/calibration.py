@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,7 +47,11 @@ def calibration_batches(calib: Any, batch_size: int) -> list[Any]:
 
 
 def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
@@ -76,14 +81,33 @@ def _check_batch(b: Any, i: int, first: tuple[int, ...], start: int, where: str 
         raise TypeError(f"calibration batch {i}{where} has dtype {b.dtype}; expected real "
                         "numbers (float or integer inputs)")  # fmt: skip
     if jnp.issubdtype(b.dtype, jnp.inexact):
-        bad = ~np.isfinite(np.asarray(b).reshape(b.shape[0], -1)).all(axis=1)
+        host = np.asarray(b).reshape(b.shape[0], -1)
+        bad = ~np.isfinite(host).all(axis=1)
         if bad.any():
             j = int(np.argmax(bad))
             raise ValueError(
                 f"calibration data contains NaN or Inf: {int(bad.sum())} "
                 f"sample(s) of batch {i}{where}, first at sample {start + j}"
             )
+        _check_float32_range(host, i, where)
     return int(b.shape[0])
+
+
+def _check_float32_range(host: np.ndarray, i: int, where: str) -> None:
+    """The model runs in float32 (unless 64-bit JAX is on): values it cannot hold, or that XLA
+    flushes to zero (below float32's normal range), would silently change the data."""
+    if jax.config.jax_enable_x64 and host.dtype == np.float64:
+        return
+    big = float(np.max(np.abs(host), initial=0.0))
+    f32 = np.finfo(np.float32)
+    if big > float(f32.max):
+        raise ValueError(f"calibration batch {i}{where} holds values up to {big:.3g}, beyond "
+                         "float32's range (3.4e38), and the model runs in float32")  # fmt: skip
+    if 0.0 < big < float(f32.tiny):
+        raise ValueError(
+            f"calibration batch {i}{where} holds only values below float32's normal range (max "
+            f"|x| = {big:.3g} < 1.2e-38), which XLA flushes to zero: rescale the inputs"
+        )
 
 
 def fingerprint(batch: Any) -> tuple[float, float]:

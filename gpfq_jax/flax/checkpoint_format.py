@@ -141,7 +141,9 @@ def replaceable(path: Path) -> str:
     package's format, and the arrays folder) qualifies: a plain file, a link or a folder with
     anything else in it is never deleted.
     """
-    if path.is_symlink() or not path.is_dir():
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
         return "it is not a directory"
     extra = sorted(set(os.listdir(path)) - {META, ARRAYS})
     if extra:

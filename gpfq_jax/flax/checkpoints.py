@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from flax.core import FrozenDict, unfreeze
 
-from gpfq_jax.atomic import atomic_path, write_text_atomic
+from gpfq_jax.atomic import atomic_path, recover_interrupted, write_text_atomic
 from gpfq_jax.core.alphabets import storage_layout
 from gpfq_jax.core.result import kernel_values
 from gpfq_jax.flax.checkpoint_format import (
@@ -97,6 +97,10 @@ def save_quantized(
     Refuses to overwrite an existing ``path`` unless ``overwrite=True``. Atomic (see module
     docstring). Returns the absolute path.
     """
+    if not isinstance(res, QuantizeResult):
+        raise TypeError(
+            f"res must be the QuantizeResult of quantize_params, got {type(res).__name__}"
+        )
     path = Path(path).absolute()
     _check_destination(path, overwrite)
     kernels = {kernel_path(res.framework, r.path): r for r in res.layers}
@@ -206,6 +210,7 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
     modified).
     """
     path = Path(path).absolute()
+    recover_interrupted(path)
     meta = read_metadata(path)
     tree = restore_arrays(path)
     check_arrays(path, meta, tree)

@@ -34,7 +34,13 @@ from gpfq_jax.flax.calibration import Calibration
 from gpfq_jax.flax.results import LayerRecord, QuantizeResult
 from gpfq_jax.flax.rules import LayerPlan, plan_layers
 from gpfq_jax.flax.targets import Target, make_target
-from gpfq_jax.flax.tracing import InputShapeError, LayerInfo, ModelTrace, trace_model
+from gpfq_jax.flax.tracing import (
+    InputShapeError,
+    LayerInfo,
+    ModelStructureError,
+    ModelTrace,
+    trace_model,
+)
 
 
 def default_apply_kwargs(model: Any) -> dict:
@@ -231,7 +237,7 @@ def _checked_trace(target: Target, batch: Any) -> ModelTrace:
         return trace_model(target.model, target.discover_vars, batch, **target.kwargs)
     except InputShapeError as e:
         raise ValueError(f"calibration inputs of shape {shape} do not fit the model: {e}") from e
-    except NotImplementedError:
+    except (NotImplementedError, ModelStructureError):
         raise
     except Exception as e:  # the model's own failure, re-raised with context
         raise ValueError(
@@ -322,7 +328,7 @@ def _quantize_layer(
         )
     except (ValueError, TypeError) as e:  # name the layer and, for NaN/Inf, the likely cause
         hint = ""
-        if "NaN or Inf" in str(e):
+        if "statistics (" in str(e) and "NaN or Inf" in str(e):
             hint = (f" (the layer's inputs reached {max_abs(acc.stats.hess):.3g} in the "
                     f"statistics: a {jnp.dtype(stats_dtype).name} overflow, or NaN/Inf inputs "
                     "from earlier layers; check the calibration data's scale)")  # fmt: skip

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gpfq_jax.atomic import recover_interrupted
 from gpfq_jax.flax.checkpoint_format import check_arrays, read_metadata
 from gpfq_jax.flax.checkpoints import (
     flatten_tree,
@@ -79,6 +80,7 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
         disk = None
     else:
         path = Path(res_or_path).absolute()
+        recover_interrupted(path)
         meta = read_metadata(path)
         tree = restore_arrays(path)
         check_arrays(path, meta, tree)

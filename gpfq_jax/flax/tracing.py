@@ -73,6 +73,10 @@ class BNFollow:
     epsilon: float = 1e-5
 
 
+class ModelStructureError(ValueError):
+    """The model's structure is not supported as is (e.g. a layer called more than once)."""
+
+
 class InputShapeError(ValueError):
     """A layer's input does not fit its kernel (raised during the abstract pass)."""
 
@@ -190,7 +194,7 @@ class _Recorder:
             )
         for path, n in self.counts.items():
             if n > 1:
-                raise ValueError(
+                raise ModelStructureError(
                     f"shared layer {path_name(path)!r} called {n} times is not supported: each "
                     "quantizable layer must be called exactly once per forward pass."
                 )
@@ -267,6 +271,7 @@ __all__ = [
     "LayerInfo",
     "BNFollow",
     "InputShapeError",
+    "ModelStructureError",
     "ModelTrace",
     "trace_model",
     "discover_layers",

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _faultkit import fault
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(
@@ -125,6 +126,7 @@ BAD_INVOCATIONS = [
 ]  # fmt: skip
 
 
+@fault("cli", "error")
 @pytest.mark.parametrize("script,args,env_changes,message", BAD_INVOCATIONS)
 def test_bad_invocation_fails_fast_and_clearly(sandbox, script, args, env_changes, message):
     tmp, home, log, env = sandbox
@@ -160,6 +162,7 @@ def need_mnist() -> None:
         pytest.skip(f"MNIST files missing under {DATA_DIR} (set GPFQ_DATA_DIR)")
 
 
+@fault("cli", "result")
 @pytest.mark.slow
 def test_rerun_keeps_finished_runs_and_redoes_the_rest(sandbox):
     """An interrupted quantize.py resumes: finished runs with the same setup are kept."""

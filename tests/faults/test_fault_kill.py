@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _faultkit import DATA_LOST, check, fault, mlp_result, same_tree, xfail_bug
+from _faultkit import DATA_LOST, check, fault, mlp_result, same_tree
 
 import gpfq_jax as gq
 from gpfq_jax.flax import checkpoints
@@ -194,18 +194,7 @@ def test_sigkill_during_saves_never_loses_the_checkpoint(helper, tmp_path):
         check(_state(p) == "B", "the final save did not land")
 
 
-BUG_SWAP = (
-    "[data lost] atomic._commit replaces a directory with two renames (path -> .NAME.old-*, then "
-    "tmp -> path); a kill between them leaves nothing at path: load_quantized raises "
-    "FileNotFoundError although the old checkpoint is intact in .NAME.old-*, and the next "
-    "save's remove_stale_siblings deletes that only copy before writing (a second interrupted "
-    "save then loses it). Recover .old-* when path is missing (or swap with renameat2 "
-    "RENAME_EXCHANGE)"
-)
-
-
 @fault("checkpoints", "data")
-@xfail_bug(BUG_SWAP)
 def test_kill_between_the_two_renames_of_an_overwrite(helper, tmp_path):
     """A saver killed right after path was moved aside (before the new one is renamed in)."""
     path = tmp_path / "ck"
@@ -216,7 +205,6 @@ def test_kill_between_the_two_renames_of_an_overwrite(helper, tmp_path):
 
 
 @fault("checkpoints", "data")
-@xfail_bug(BUG_SWAP)
 def test_failed_save_after_a_swap_kill_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """The state a kill between the two renames leaves (path moved to .ck.old-*, a partial
     .ck.tmp-*), then a save that fails while writing (disk full): the old checkpoint must

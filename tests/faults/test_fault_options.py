@@ -157,9 +157,7 @@ LAYER = error_cases(
     ("accumulator-patch_fraction-1.5", lambda: StatsAccumulator(6, patch_fraction=1.5),
      ValueError, r"patch_fraction must be in \(0, 1\], got 1\.5$"),
     ("accumulator-patch_fraction-str", lambda: StatsAccumulator(6, patch_fraction="x"),
-     TypeError, r"patch_fraction.*'x'", "[unclear error] StatsAccumulator(6, patch_fraction='x') "
-     "raises TypeError \"'<' not supported between instances of 'int' and 'str'\", which does not "
-     "name patch_fraction"),
+     TypeError, r"patch_fraction must be a number in \(0, 1\], got 'x'$"),
 )  # fmt: skip
 
 
@@ -201,10 +199,7 @@ PARAMS = error_cases(
     ("batch_size-2.5", P(batch_size=2.5), ValueError, BATCH + r"2\.5$"),
     ("batch_size-True", P(batch_size=True), ValueError, BATCH + "True$"),
     ("batch_size-str", P(batch_size="8"), ValueError, BATCH + "'8'$"),
-    ("batch_size-None", P(batch_size=None), ValueError, BATCH + "None$",
-     "[unclear error] quantize_params(..., batch_size=None) raises TypeError \"int() argument "
-     "must be a string, a bytes-like object or a real number, not 'NoneType'\" (from "
-     "calibration._check_batch_size), which does not name batch_size"),
+    ("batch_size-None", P(batch_size=None), ValueError, BATCH + "None$"),
     ("stats_dtype-int32", P(stats_dtype=jnp.int32), ValueError, SDT + "int32$"),
     ("stats_dtype-float16", P(stats_dtype=jnp.float16), ValueError, SDT + "float16$"),
     ("stats_dtype-bfloat16", P(stats_dtype=jnp.bfloat16), ValueError, SDT + "bfloat16$"),
