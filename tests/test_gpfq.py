@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import numpy_gpfq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpfq_jax as gq
 from gpfq_jax.core.alphabets import make_alphabet, round_to_codes
-from gpfq_jax.core.gpfq import threshold
 
 
 def _problem(rng, m, n, n_out, noise=0.1, dtype=np.float64):
@@ -17,30 +17,6 @@ def _problem(rng, m, n, n_out, noise=0.1, dtype=np.float64):
     xq = x + noise * rng.normal(size=(m, n))
     w = rng.normal(size=(n, n_out)) / np.sqrt(n)
     return (jnp.asarray(w, dtype), jnp.asarray(x, dtype), jnp.asarray(xq, dtype))
-
-
-def numpy_gpfq(w, x, xq, delta, alphabet, sparsity=None, lam=0.0, uniform=None):
-    """The recurrence in plain numpy loops (the literal reading of docs/ALGORITHM.md sec. 2)."""
-    w, x, xq = (np.asarray(a, np.float64) for a in (w, x, xq))
-    n, n_out = w.shape
-    codes = np.zeros((n, n_out))
-    for j in range(n_out):
-        u = np.zeros(x.shape[0])
-        for t in range(n):
-            v = u + w[t, j] * x[:, t]
-            nrm = xq[:, t] @ xq[:, t]
-            num = float(threshold(jnp.asarray(xq[:, t] @ v), sparsity, lam))
-            arg = num / nrm if nrm > 0 else 0.0
-            s = arg / delta[j] - alphabet.offset
-            if uniform is None:
-                k = np.clip(np.round(s), alphabet.kmin, alphabet.kmax)
-            else:
-                s = np.clip(s, alphabet.kmin, alphabet.kmax)
-                k = np.floor(s) + (uniform[t, j] < s - np.floor(s))
-                k = np.clip(k, alphabet.kmin, alphabet.kmax)
-            codes[t, j] = k
-            u = v - delta[j] * (k + alphabet.offset) * xq[:, t]
-    return codes
 
 
 def _all_forms(w, x, xq, delta, alphabet, block_size, **kw):
@@ -100,7 +76,7 @@ def test_sparsity_variants_agree(x64, rng, sparsity):
     np.testing.assert_array_equal(data, gram)
     np.testing.assert_array_equal(data, blocked)
     np.testing.assert_array_equal(
-        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, sparsity, lam)
+        data, numpy_gpfq(w, x, xq, np.asarray(delta), alphabet, sparsity=sparsity, lam=lam)
     )
     dense = np.asarray(gq.gpfq_data_form(w, x, xq, delta, alphabet))
     assert (data == 0).sum() > (dense == 0).sum()  # thresholding makes codes sparser

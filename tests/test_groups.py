@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import numpy_gpfq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,29 +34,6 @@ def _rows(spec, w):
     if zero is not None:
         zero = jnp.broadcast_to(expand_groups(zero, n, spec.group_size), w.shape)
     return delta, zero
-
-
-def numpy_gpfq(w, x, xq, delta, zero, alphabet, uniform=None):
-    """The data-form recurrence in numpy loops, one step (and zero point) per (row, neuron)."""
-    w, x, xq, delta = (np.asarray(a, np.float64) for a in (w, x, xq, delta))
-    zero = np.zeros_like(w) if zero is None else np.asarray(zero, np.float64)
-    n, n_out = w.shape
-    codes = np.zeros((n, n_out))
-    for j in range(n_out):
-        u = np.zeros(x.shape[0])
-        for t in range(n):
-            v = u + w[t, j] * x[:, t]
-            nrm = xq[:, t] @ xq[:, t]
-            arg = (xq[:, t] @ v) / nrm if nrm > 0 else 0.0
-            s = arg / delta[t, j] - alphabet.offset + zero[t, j]
-            if uniform is None:
-                k = np.clip(np.round(s), alphabet.kmin, alphabet.kmax)
-            else:
-                s = np.clip(s, alphabet.kmin, alphabet.kmax)
-                k = np.floor(s) + (uniform[t, j] < s - np.floor(s))
-            codes[t, j] = k
-            u = v - delta[t, j] * (k - zero[t, j] + alphabet.offset) * xq[:, t]
-    return codes
 
 
 def numpy_gptq(w, h, delta, zero, alphabet, damp=0.01, act_order=False):
@@ -237,7 +215,7 @@ def test_data_and_gram_forms_agree(x64, rng, grid, bits, group_size, stochastic)
     for block in (23, 5):
         gram = gq.gpfq_gram_form(w, h, g, delta, a, block_size=block, uniform=u, zero_point=zero)
         np.testing.assert_array_equal(data, np.asarray(gram))
-    ref = numpy_gpfq(w, x, xq, delta, zero, a, None if u is None else np.asarray(u))
+    ref = numpy_gpfq(w, x, xq, delta, a, zero=zero, uniform=None if u is None else np.asarray(u))
     np.testing.assert_array_equal(data, ref)
     if group_size is not None:  # the steps really differ between groups
         assert len(np.unique(np.asarray(delta)[:, 0])) > 1
