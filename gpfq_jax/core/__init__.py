@@ -12,13 +12,13 @@ from gpfq_jax.core.alphabets import (
     bits_per_weight,
     dequantize,
     expand_groups,
-    int_dtype,
     make_alphabet,
     quantize_values,
     round_to_codes,
     step_size,
     steps_and_zero_points,
 )
+from gpfq_jax.core.code_dtypes import int_dtype, storage_layout
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes, gptq_codes_from_factor, gptq_factor
 from gpfq_jax.core.layer import METHODS, LayerResult, quantize_from_stats, quantize_layer
@@ -70,6 +70,7 @@ __all__ = [
     "grouped_kernel",
     "init_stats",
     "int_dtype",
+    "storage_layout",
     "make_alphabet",
     "output_error_sq",
     "quantize_from_stats",

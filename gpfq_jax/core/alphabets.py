@@ -341,27 +341,6 @@ def quantize_values(
     return dequantize(k, delta, alphabet.offset, zero_point=zero_point)
 
 
-def int_dtype(alphabet: Alphabet) -> np.dtype:
-    """The in-memory dtype of an alphabet's codes: int8, or int16 when the codes need it."""
-    if alphabet.kmin >= -128 and alphabet.kmax <= 127:
-        return np.dtype(np.int8)
-    return np.dtype(np.int16)
-
-
-def storage_layout(alphabet: Alphabet) -> tuple[np.dtype, int]:
-    """How checkpoints store codes: the smallest signed dtype and a shift added to every code.
-
-    Up to 16 levels fit int4 (XLA on CPU stores but does not compute with it), up to 256 int8,
-    else int16. Codes outside the signed range (the "asym" grid's 0..2^b-1) are shifted into it,
-    e.g. 0..15 by -8; loading subtracts the shift again.
-    """
-    for dtype, lo, hi in ((jnp.dtype(jnp.int4), -8, 7), (np.dtype(np.int8), -128, 127)):
-        if alphabet.kmax - alphabet.kmin <= hi - lo:
-            shift = 0 if (alphabet.kmin >= lo and alphabet.kmax <= hi) else lo - alphabet.kmin
-            return dtype, shift
-    return np.dtype(np.int16), 0
-
-
 def describe(spec: QuantSpec) -> dict:
     """A JSON-friendly summary: the spec's fields with defaults resolved, levels, storage bits."""
     a = spec.alphabet
@@ -395,8 +374,6 @@ __all__: Sequence[str] = (
     "round_to_codes",
     "dequantize",
     "quantize_values",
-    "int_dtype",
-    "storage_layout",
     "describe",
     "as_spec",
     "GRIDS",

@@ -25,9 +25,9 @@ from gpfq_jax.core.alphabets import (
     as_spec,
     dequantize,
     expand_groups,
-    int_dtype,
     steps_and_zero_points,
 )
+from gpfq_jax.core.code_dtypes import int_dtype
 from gpfq_jax.core.gpfq import gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
 from gpfq_jax.core.numerics import (

@@ -35,7 +35,7 @@ from flax import nnx
 from flax.core import FrozenDict, unfreeze
 
 from gpfq_jax.atomic import atomic_path, recover_interrupted, write_text_atomic
-from gpfq_jax.core.alphabets import storage_layout
+from gpfq_jax.core.code_dtypes import storage_layout
 from gpfq_jax.core.result import kernel_values
 from gpfq_jax.flax.checkpoint_format import (
     ARRAYS,
@@ -104,41 +104,15 @@ def save_quantized(
     path = Path(path).absolute()
     _check_destination(path, overwrite)
     kernels = {kernel_path(res.framework, r.path): r for r in res.layers}
-    floats, codes, scales, zeros, leaves, layers = {}, {}, {}, {}, [], []
-    for p, leaf in flatten_tree(res.variables):
-        if p in kernels:
-            continue
-        entry = {"path": list(p), "index": len(floats)}
-        if is_prng_key(leaf):
-            entry["prng_impl"] = str(jax.random.key_impl(leaf))
-            leaf = jax.random.key_data(leaf)
-        floats[str(len(floats))] = jnp.asarray(leaf)
-        leaves.append(entry)
+    floats, leaves = _float_leaves(res.variables, kernels)
+    codes, scales, zeros, layers = {}, {}, {}, []
     for i, (p, r) in enumerate(kernels.items()):
         code_dtype, shift = storage_layout(r.spec.alphabet)
         codes[str(i)] = (jnp.asarray(r.codes, jnp.int32) + shift).astype(code_dtype)
         scales[str(i)] = jnp.asarray(r.scale)
         if r.result.zero_point is not None:  # integers in the code range: stored like codes
             zeros[str(i)] = (jnp.asarray(r.result.zero_point) + shift).astype(code_dtype)
-        layers.append(
-            {
-                "path": list(p),
-                "name": r.name,
-                "kind": r.kind,
-                "shape": list(r.shape),
-                "dtype": jnp.dtype(r.scale.dtype).name,
-                "code_dtype": code_dtype.name,
-                "code_shift": shift,
-                "offset": float(r.offset),
-                "group_size": r.result.group_size,
-                "spec": r.spec.to_dict(),
-                "method": r.method,
-                "levels": r.levels,
-                "storage_bits": r.storage_bits,
-                "rel_error": float(r.rel_error),
-                "c": np.asarray(r.c, np.float64).tolist(),
-            }
-        )
+        layers.append(_layer_entry(p, r, code_dtype, shift))
     arrays = {"codes": codes, "scales": scales, "zeros": zeros, "float": floats}
     meta = {
         "framework": res.framework,
@@ -153,6 +127,43 @@ def save_quantized(
         _write_arrays(tmp / ARRAYS, arrays)
         write_text_atomic(tmp / META, json.dumps(meta, indent=1))
     return path
+
+
+def _float_leaves(variables: Any, kernels: dict) -> tuple[dict, list[dict]]:
+    """The non-quantized leaves (arrays by index) and their metadata entries; typed PRNG keys
+    are stored as key data plus their implementation name."""
+    floats, leaves = {}, []
+    for p, leaf in flatten_tree(variables):
+        if p in kernels:
+            continue
+        entry = {"path": list(p), "index": len(floats)}
+        if is_prng_key(leaf):
+            entry["prng_impl"] = str(jax.random.key_impl(leaf))
+            leaf = jax.random.key_data(leaf)
+        floats[str(len(floats))] = jnp.asarray(leaf)
+        leaves.append(entry)
+    return floats, leaves
+
+
+def _layer_entry(p: tuple, r: Any, code_dtype: Any, shift: int) -> dict:
+    """One quantized layer's metadata (a LayerRecord ``r`` at kernel path ``p``)."""
+    return {
+        "path": list(p),
+        "name": r.name,
+        "kind": r.kind,
+        "shape": list(r.shape),
+        "dtype": jnp.dtype(r.scale.dtype).name,
+        "code_dtype": jnp.dtype(code_dtype).name,
+        "code_shift": shift,
+        "offset": float(r.offset),
+        "group_size": r.result.group_size,
+        "spec": r.spec.to_dict(),
+        "method": r.method,
+        "levels": r.levels,
+        "storage_bits": r.storage_bits,
+        "rel_error": float(r.rel_error),
+        "c": np.asarray(r.c, np.float64).tolist(),
+    }
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:

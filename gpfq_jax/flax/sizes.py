@@ -55,6 +55,33 @@ def _step_bytes(step: Any, zero_point: Any, storage_bits: int) -> int:
     return _nbytes(step) + zeros
 
 
+def _result_sizes(res: QuantizeResult) -> tuple[int, list[tuple]]:
+    """(bytes of the other leaves, per layer (name, weights, storage bits, step bytes))."""
+    kernels = {kernel_path(res.framework, r.path) for r in res.layers}
+    other = sum(_nbytes(a) for p, a in flatten_tree(res.variables) if p not in kernels)
+    layers = [
+        (r.name, int(np.prod(r.shape)), r.storage_bits,
+         _step_bytes(r.scale, r.result.zero_point, r.storage_bits))
+        for r in res.layers
+    ]  # fmt: skip
+    return other, layers
+
+
+def _checkpoint_sizes(path: Path) -> tuple[int, list[tuple]]:
+    """``_result_sizes`` of a saved checkpoint (read and checked)."""
+    recover_interrupted(path)
+    meta = read_metadata(path)
+    tree = restore_arrays(path)
+    check_arrays(path, meta, tree)
+    other = sum(_nbytes(a) for k, a in tree["float"].items() if k != "_")
+    layers = [
+        (lay["name"], int(np.prod(lay["shape"])), lay["storage_bits"],
+         _step_bytes(tree["scales"][str(i)], tree["zeros"].get(str(i)), lay["storage_bits"]))
+        for i, lay in enumerate(meta["layers"])
+    ]  # fmt: skip
+    return other, layers
+
+
 def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables: Any) -> dict:
     """Float vs quantized sizes in bytes.
 
@@ -65,35 +92,10 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
     On disk: the checkpoint directory's size when ``res_or_path`` is a path.
     """
     if isinstance(res_or_path, QuantizeResult):
-        res = res_or_path
-        kernels = {kernel_path(res.framework, r.path) for r in res.layers}
-        other = sum(_nbytes(a) for p, a in flatten_tree(res.variables) if p not in kernels)
-        layer_sizes = [
-            (
-                r.name,
-                int(np.prod(r.shape)),
-                r.storage_bits,
-                _step_bytes(r.scale, r.result.zero_point),
-            )
-            for r in res.layers
-        ]
-        disk = None
+        other, layer_sizes, disk = *_result_sizes(res_or_path), None
     else:
         path = Path(res_or_path).absolute()
-        recover_interrupted(path)
-        meta = read_metadata(path)
-        tree = restore_arrays(path)
-        check_arrays(path, meta, tree)
-        other = sum(_nbytes(a) for k, a in tree["float"].items() if k != "_")
-        layer_sizes = [
-            (
-                lay["name"],
-                int(np.prod(lay["shape"])),
-                lay["storage_bits"],
-                _step_bytes(tree["scales"][str(i)], tree["zeros"].get(str(i)), lay["storage_bits"]),
-            )
-            for i, lay in enumerate(meta["layers"])
-        ]
+        other, layer_sizes = _checkpoint_sizes(path)
         disk = _dir_bytes(path)
     codes = sum(math.ceil(n * bits / 8) for _, n, bits, _ in layer_sizes)
     scales = sum(s for *_, s in layer_sizes)
