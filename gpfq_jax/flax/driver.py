@@ -1,4 +1,4 @@
-"""Whole-model driver: quantize every Dense/Conv layer of a Flax model, in forward order.
+"""Whole-model driver: quantize every Dense/Conv/DenseGeneral/Einsum layer of a Flax model.
 
 For layer l: run the float model and the model whose layers < l are already quantized on the
 same calibration batches, capture layer l's input in both (a jitted prefix of the model that
@@ -78,7 +78,8 @@ def quantize_params(
     stats_dtype=jnp.float32,
     mesh: Mesh | str | None = None,
 ) -> QuantizeResult:
-    """Quantize every Dense/Conv layer of ``model``, in forward order (GPFQ by default).
+    """Quantize every Dense/Conv/DenseGeneral/Einsum layer of ``model``, in forward order (GPFQ
+    by default; general layers as the (g, N, n) problems of their ``MatrixView``).
 
     Args:
       model: a Linen ``nn.Module`` (with ``variables``) or an NNX ``nnx.Module`` (variables

@@ -73,7 +73,7 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
                 r.name,
                 int(np.prod(r.shape)),
                 r.storage_bits,
-                _step_bytes(r.scale, r.result.zero_point),
+                _step_bytes(r.scale, r.result.zero_point, r.storage_bits),
             )
             for r in res.layers
         ]
