@@ -383,23 +383,8 @@ def as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
 
 
 __all__: Sequence[str] = (
-    "QuantSpec",
-    "Alphabet",
-    "make_alphabet",
-    "base_scale",
-    "step_size",
-    "steps_and_zero_points",
-    "expand_groups",
-    "n_groups",
-    "bits_per_weight",
-    "round_to_codes",
-    "dequantize",
-    "quantize_values",
-    "int_dtype",
-    "storage_layout",
-    "describe",
-    "as_spec",
-    "GRIDS",
-    "SCALE_RULES",
-    "DEFAULT_SEARCH_GRID",
-)
+    "QuantSpec", "Alphabet", "make_alphabet", "base_scale", "step_size",
+    "steps_and_zero_points", "expand_groups", "n_groups", "bits_per_weight", "round_to_codes",
+    "dequantize", "quantize_values", "int_dtype", "storage_layout", "describe", "as_spec",
+    "GRIDS", "SCALE_RULES", "DEFAULT_SEARCH_GRID",
+)  # fmt: skip

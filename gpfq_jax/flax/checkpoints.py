@@ -89,6 +89,7 @@ def is_prng_key(a: Any) -> bool:
 # --------------------------------------------------------------------------- save / load
 
 
+# long: gathers codes, steps, zero points and float leaves with their metadata in one pass
 def save_quantized(
     path: str | os.PathLike, res: QuantizeResult, *, overwrite: bool = False
 ) -> Path:

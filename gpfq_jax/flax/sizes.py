@@ -55,6 +55,7 @@ def _step_bytes(step: Any, zero_point: Any, storage_bits: int) -> int:
     return _nbytes(step) + zeros
 
 
+# long: measures a result in memory and a checkpoint on disk the same way, side by side
 def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables: Any) -> dict:
     """Float vs quantized sizes in bytes.
 
