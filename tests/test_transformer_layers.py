@@ -305,3 +305,47 @@ def test_einsum_bias_correction_is_refused():
     v = m.init(jax.random.PRNGKey(0), x)
     with pytest.raises(NotImplementedError, match="'ein'.*bias correction"):
         run(m, v, x, bias_correction=True)
+
+
+SHARDED_SCRIPT = """
+import json, jax
+jax.config.update("jax_enable_x64", True)
+import flax.linen as nn, jax.numpy as jnp, numpy as np
+import gpfq_jax as gq
+
+class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (b, t, 8)
+        h = nn.DenseGeneral((2, 3), name="q")(x)  # n = 6: padded to 8 on 4 devices
+        y = nn.DenseGeneral(5, axis=-1, batch_dims=(0,), name="bd")(h.reshape(4, -1, 6))
+        return nn.Einsum((5, 3, 2), "bte,etk->kbt", name="ein")(y.reshape(-1, 3, 5))
+
+x = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+v = M().init(jax.random.PRNGKey(1), x)
+kw = dict(progress=False, stats_dtype=jnp.float64, spec={"bits": 3})
+a = gq.quantize_params(M(), v, x, **kw)
+b = gq.quantize_params(M(), v, x, mesh="auto", **kw)
+print("RESULT " + json.dumps({"devices": jax.device_count(),
+      "layers": [r.name for r in a.layers],
+      "equal": [bool(np.array_equal(r.codes, s.codes)) for r, s in zip(a.layers, b.layers)]}))
+"""
+
+
+def test_general_layers_sharded_equal_unsharded():
+    """4 simulated CPU devices (a subprocess): the codes do not depend on the device count."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    assert out["devices"] == 4 and out["layers"] == ["q", "bd", "ein"]
+    assert all(out["equal"]), out
