@@ -331,6 +331,7 @@ print("RESULT " + json.dumps({"devices": jax.device_count(),
 """
 
 
+@pytest.mark.slow  # a subprocess compiling two runs on 4 simulated devices
 def test_general_layers_sharded_equal_unsharded():
     """4 simulated CPU devices (a subprocess): the codes do not depend on the device count."""
     import json
