@@ -221,13 +221,6 @@ class Shared(nn.Module):
         return self.dense(nn.relu(self.dense(x)))
 
 
-class WithDenseGeneral(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Dense(4)(x)
-        return nn.DenseGeneral((2, 2), name="heads")(x)
-
-
 class WithConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -251,7 +244,6 @@ class RematBlock(nn.Module):
     "model,shape,err,match",
     [
         (Shared(), (2, 4), ValueError, "shared layer 'dense' called 2 times"),
-        (WithDenseGeneral(), (2, 4), NotImplementedError, "'heads' \\(DenseGeneral\\)"),
         (WithConvTranspose(), (1, 4, 4, 2), NotImplementedError, "'up' \\(ConvTranspose\\)"),
         (Circular(), (1, 4, 4, 2), NotImplementedError, "'circ'.*CIRCULAR"),
         (RematBlock(), (2, 3), NotImplementedError, "'inner'.*lifted"),
@@ -365,12 +357,12 @@ class NnxShared(nnx.Module):
         return self.dense(self.dense(x))
 
 
-class NnxGeneral(nnx.Module):
+class NnxConvTranspose(nnx.Module):
     def __init__(self, rngs):
-        self.blocks = nnx.List([nnx.LinearGeneral(4, (2, 2), rngs=rngs)])
+        self.blocks = nnx.List([nnx.ConvTranspose(1, 2, (3,), rngs=rngs)])
 
     def __call__(self, x):
-        return self.blocks[0](x)
+        return self.blocks[0](x[..., None])
 
 
 class NnxRemat(nnx.Module):
@@ -385,7 +377,7 @@ class NnxRemat(nnx.Module):
     "cls,err,match",
     [
         (NnxShared, ValueError, "shared layer 'dense' called 2 times"),
-        (NnxGeneral, NotImplementedError, "'blocks/0' \\(LinearGeneral\\)"),
+        (NnxConvTranspose, NotImplementedError, "'blocks/0' \\(ConvTranspose\\)"),
         (NnxRemat, NotImplementedError, "'inner'.*lifted"),
     ],
 )

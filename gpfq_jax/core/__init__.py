@@ -19,18 +19,23 @@ from gpfq_jax.core.alphabets import (
     steps_and_zero_points,
 )
 from gpfq_jax.core.code_dtypes import int_dtype, storage_layout
+from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import GptqFactor, gptq_codes, gptq_codes_from_factor, gptq_factor
 from gpfq_jax.core.layer import METHODS, LayerResult, quantize_from_stats, quantize_layer
 from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms, output_error_sq
 from gpfq_jax.core.patches import (
     ConvGeometry,
+    MatrixView,
     conv_row_count,
     conv_rows,
     conv_rows_at,
     dense_rows,
     grouped_kernel,
     ungrouped_kernel,
+    unview_kernel,
+    view_kernel,
+    view_rows,
 )
 from gpfq_jax.core.rtn import rtn_codes
 from gpfq_jax.core.stats import (
@@ -49,6 +54,7 @@ __all__ = [
     "LayerResult",
     "LayerStats",
     "METHODS",
+    "MatrixView",
     "QuantSpec",
     "StatsAccumulator",
     "accumulate",
@@ -72,14 +78,19 @@ __all__ = [
     "int_dtype",
     "storage_layout",
     "make_alphabet",
+    "matrix_layout",
     "output_error_sq",
     "quantize_from_stats",
     "quantize_layer",
     "quantize_values",
+    "quantize_view",
     "round_to_codes",
     "rtn_codes",
     "stats_from_data",
     "step_size",
     "steps_and_zero_points",
     "ungrouped_kernel",
+    "unview_kernel",
+    "view_kernel",
+    "view_rows",
 ]

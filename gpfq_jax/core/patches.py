@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,6 +142,84 @@ def ungrouped_kernel(mats: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(mats, (1, 0, 2)).reshape(shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class MatrixView:
+    """How a general kernel layer (DenseGeneral, Einsum) becomes ``g`` matrix problems.
+
+    The layer computes ``out[r, b, o] = sum_c x[r, b, c] * kernel[b, c, o]`` up to axis order:
+    ``c`` the contracted axes (in input and kernel, not in the output), ``b`` the batch axes
+    (in input, kernel and output: independent groups), ``o`` the kernel's output axes (kernel
+    only), ``r`` the input's other axes (rows). Rows: the input transposed to ``input_perm``
+    (r, b, c) and reshaped to (m, g, N); kernel: transposed to ``kernel_perm`` (b, c, o) and
+    reshaped to (g, N, n). ``batch_shape``, ``contract_shape``, ``out_shape``: the kernel's
+    sizes of those axes (the inverse reshape).
+    """
+
+    input_perm: tuple[int, ...]
+    kernel_perm: tuple[int, ...]
+    batch_shape: tuple[int, ...]
+    contract_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @classmethod
+    def create(
+        cls, input_labels: Sequence[Any], kernel_labels: Sequence[Any],
+        output_labels: Sequence[Any], kernel_shape: Sequence[int],
+    ) -> MatrixView:  # fmt: skip
+        """From one label per axis of the input, the kernel and the output (einsum style)."""
+        ins, ker, out = list(input_labels), list(kernel_labels), set(output_labels)
+        if len(set(ins)) != len(ins) or len(set(ker)) != len(ker) or len(ker) != len(kernel_shape):
+            raise NotImplementedError(f"repeated axis labels (diagonals): {ins}, {ker}")
+        for lab in ker:
+            if lab not in ins and lab not in out:
+                raise NotImplementedError(f"kernel axis {lab!r} is summed over alone")
+        for lab in ins:
+            if lab not in ker and lab not in out:
+                raise NotImplementedError(f"input axis {lab!r} is summed over alone")
+        batch = [k for k in ker if k in ins and k in out]
+        contract = [k for k in ker if k in ins and k not in out]
+        outs = [k for k in ker if k not in ins]
+        rest = [k for k in ins if k not in ker]
+        size = dict(zip(ker, (int(s) for s in kernel_shape)))
+        return cls(
+            tuple(ins.index(k) for k in rest + batch + contract),
+            tuple(ker.index(k) for k in batch + contract + outs),
+            tuple(size[k] for k in batch),
+            tuple(size[k] for k in contract),
+            tuple(size[k] for k in outs),
+        )
+
+    @property
+    def groups(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def features(self) -> int:
+        return math.prod(self.contract_shape)
+
+    @property
+    def neurons(self) -> int:
+        return math.prod(self.out_shape)
+
+
+def view_rows(x: jax.Array, view: MatrixView) -> jax.Array:
+    """A general layer's input -> rows (m, g, N) (see ``MatrixView``)."""
+    return jnp.transpose(x, view.input_perm).reshape(-1, view.groups, view.features)
+
+
+def view_kernel(kernel: jax.Array, view: MatrixView) -> jax.Array:
+    """A general layer's kernel -> (g, N, n) (see ``MatrixView``)."""
+    return jnp.transpose(kernel, view.kernel_perm).reshape(view.groups, view.features, view.neurons)
+
+
+def unview_kernel(mats: jax.Array, view: MatrixView) -> jax.Array:
+    """Inverse of ``view_kernel``: (g, N, n) -> the kernel's layout. With (g, 1, n) (one value
+    per neuron) the result has size 1 on the contracted axes (broadcastable to the kernel)."""
+    contract = view.contract_shape if mats.shape[1] != 1 else (1,) * len(view.contract_shape)
+    a = mats.reshape(*view.batch_shape, *contract, *view.out_shape)
+    return jnp.transpose(a, np.argsort(view.kernel_perm))
+
+
 def dense_rows(x: jax.Array) -> jax.Array:
     """Dense inputs (..., N) -> rows (m, 1, N)."""
     return x.reshape(-1, 1, x.shape[-1])
@@ -258,6 +337,10 @@ __all__ = [
     "grouped_kernel",
     "ungrouped_kernel",
     "dense_rows",
+    "MatrixView",
+    "view_rows",
+    "view_kernel",
+    "unview_kernel",
     "conv_rows",
     "conv_rows_at",
     "conv_row_count",

@@ -32,12 +32,14 @@ from gpfq_jax.core.numerics import (
 )
 from gpfq_jax.core.patches import (
     ConvGeometry,
+    MatrixView,
     check_conv_input,
     conv_row_count,
     conv_rows,
     conv_rows_at,
     dense_rows,
     grouped_kernel,
+    view_rows,
 )
 from gpfq_jax.core.sharding import replicate, resolve_mesh, shard_along
 
@@ -161,14 +163,17 @@ class StatsAccumulator:
     """Accumulates a layer's statistics over calibration batches.
 
     ``geometry=None`` means a Dense layer (inputs (..., N)); a ``ConvGeometry`` means a Conv
-    layer (NHWC inputs, patch rows). For conv layers ``patch_fraction < 1`` keeps a seeded
+    layer (NHWC inputs, patch rows); ``view`` (a ``MatrixView``, with geometry None) a general
+    layer (DenseGeneral / Einsum: rows from the view; ``kernel`` in its (N, g*n) matrix layout,
+    ``core.general.matrix_layout``). For conv layers ``patch_fraction < 1`` keeps a seeded
     random subset of each batch's patch rows (the SIMODS code kept 25% of conv patches); the
     same rows are kept for the float and the quantized inputs. Dense layers always keep every
     row (one per sample: there is nothing redundant to drop). With ``mesh`` (a Mesh or "auto")
     each batch's rows are split over the devices and every product is summed across them (data
     parallel). With the layer's float ``kernel`` (Flax layout (..., cin/g, cout)) F is not
     accumulated: the result carries ||X w_j||^2 and ||(X - X~) w_j||^2 per neuron instead
-    (``LayerStats.out_ref``, ``out_drift``), which is cheaper and enough to quantize that kernel.
+    (``LayerStats.out_ref``, ``out_drift``), which is cheaper and enough to quantize that
+    kernel.
 
     Scale safety: inputs whose first batch lies far outside float32's comfortable range are
     multiplied by one exact power of two, ``row_scale``, fixed at the first batch (the
@@ -186,6 +191,7 @@ class StatsAccumulator:
         seed: int = 0,
         mesh=None,
         kernel: jax.Array | None = None,
+        view: MatrixView | None = None,
     ):
         if isinstance(patch_fraction, bool) or not isinstance(
             patch_fraction, int | float | np.integer | np.floating
@@ -195,8 +201,13 @@ class StatsAccumulator:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
             raise ValueError(f"statistics dtype must be float32 or float64, got {jnp.dtype(dtype)}")
-        self.geometry = geometry
+        self.geometry, self.view = geometry, view
         groups = 1 if geometry is None else geometry.feature_group_count
+        if view is not None:
+            if geometry is not None or view.features != features:
+                raise ValueError(f"a view of {view.features} features needs geometry=None and "
+                                 f"features={view.features}, got {features}")  # fmt: skip
+            groups = view.groups
         self._w = None
         if kernel is not None:
             kernel = jnp.asarray(kernel)
@@ -224,6 +235,8 @@ class StatsAccumulator:
             self._w = None if self._w is None else replicate(self._w, self.mesh)
 
     def rows(self, x: jax.Array) -> jax.Array:
+        if self.view is not None:
+            return view_rows(x, self.view)
         if self.geometry is None:
             if x.shape[-1] != self.stats.features:
                 raise ValueError(

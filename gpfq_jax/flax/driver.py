@@ -1,4 +1,4 @@
-"""Whole-model driver: quantize every Dense/Conv layer of a Flax model, in forward order.
+"""Whole-model driver: quantize every Dense/Conv/DenseGeneral/Einsum layer of a Flax model.
 
 For layer l: run the float model and the model whose layers < l are already quantized on the
 same calibration batches, capture layer l's input in both (a jitted prefix of the model that
@@ -13,7 +13,6 @@ Linen and NNX specifics live in ``gpfq_jax.flax.targets``.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from gpfq_jax.core.alphabets import QuantSpec
+from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.layer import quantize_from_stats
 from gpfq_jax.core.numerics import max_abs
 from gpfq_jax.core.sharding import replicate, resolve_mesh
@@ -78,7 +78,8 @@ def quantize_params(
     stats_dtype=jnp.float32,
     mesh: Mesh | str | None = None,
 ) -> QuantizeResult:
-    """Quantize every Dense/Conv layer of ``model``, in forward order (GPFQ by default).
+    """Quantize every Dense/Conv/DenseGeneral/Einsum layer of ``model``, in forward order (GPFQ
+    by default; general layers as the (g, N, n) problems of their ``MatrixView``).
 
     Args:
       model: a Linen ``nn.Module`` (with ``variables``) or an NNX ``nnx.Module`` (variables
@@ -309,23 +310,28 @@ def _quantize_layer(
     ``quant_kwargs`` (key, block_size, damp, act_order) go to ``quantize_from_stats``.
     """
     kernel = target.float_kernel(layer)
-    features = math.prod(layer.kernel_shape[:-1])
-    neurons = layer.kernel_shape[-1] // layer.feature_group_count
+    view, features, neurons = layer.view, layer.features, layer.neurons
+    mat = kernel if view is None else matrix_layout(kernel, view)  # (..., g*n) column blocks
     # F = X^T X costs rows x N^2; the per-neuron output norms that can replace it (the kernel is
     # known here) cost 2 x rows x N x n: use whichever is cheaper.
     acc = StatsAccumulator(
         features, layer.geometry, stats_dtype, patch_fraction, seed, mesh=mesh,
-        kernel=kernel if 2 * neurons < features else None,
+        kernel=mat if 2 * neurons < features else None, view=view,
     )  # fmt: skip
     correct = bias_correction and layer.has_bias
+    if correct and layer.kind == "einsum":  # its bias need not follow the kernel's axes
+        raise NotImplementedError(f"layer {layer.name!r}: bias correction of an Einsum "
+                                  "layer is not supported; skip it with a rule")  # fmt: skip
     record, means = _accumulate(
         target, layer, acc, batches, changed=changed, input_means=correct, mesh=mesh
     )
     t0 = time.perf_counter()
     try:
-        r = quantize_from_stats(
-            kernel, acc.result(), plan.spec, plan.method, mesh=mesh, **quant_kwargs
-        )
+        args = (acc.result(), plan.spec, plan.method)
+        if view is None:
+            r = quantize_from_stats(kernel, *args, mesh=mesh, **quant_kwargs)
+        else:  # general layers: codes and steps in the kernel's own layout
+            r = quantize_view(kernel, view, *args, mesh=mesh, **quant_kwargs)
     except (ValueError, TypeError) as e:  # name the layer and, for NaN/Inf, the likely cause
         hint = ""
         if "statistics (" in str(e) and "NaN or Inf" in str(e):
@@ -338,8 +344,10 @@ def _quantize_layer(
     record.result = r
     target.set_kernel(layer, q)
     if correct:
-        shift = bias_shift(*means, kernel, q, layer.feature_group_count)
+        qmat = q if view is None else matrix_layout(q, view)
+        shift = bias_shift(*means, mat, qmat, layer.feature_group_count)
         bias = target.quant_bias(layer)
+        shift = shift.reshape(bias.shape)  # DenseGeneral: bias (batch, features), g-major
         target.set_bias(layer, (np.asarray(bias, np.float64) + shift).astype(bias.dtype))
         record.bias_shift = jnp.asarray(shift, bias.dtype)
     return record

@@ -1,8 +1,8 @@
 """One interception mechanism for Linen and NNX layer calls.
 
 ``intercepted_forward`` runs a model's forward pass with a hook called on every Dense / Conv /
-BatchNorm call (and on unsupported kernel layers). Linen calls are seen through
-``flax.linen.intercept_methods``. NNX has no interception hook: the state is merged into a
+DenseGeneral / Einsum / BatchNorm call (and on unsupported kernel layers). Linen calls are seen
+through ``flax.linen.intercept_methods``. NNX has no interception hook: the state is merged into a
 throwaway module copy (``nnx.merge``) whose observed modules get their class swapped to a
 recording subclass (cached per class) that reports each call to the hook active in a context
 variable; the user's model is never touched. The abstract pass that maps a model
@@ -25,24 +25,27 @@ from flax import nnx
 from gpfq_jax.flax.paths import Path, path_name
 
 SUPPORTED = (
-    "supported layers: Dense / nnx.Linear (kernel (in, out) applied to the last axis) and "
-    "Conv / nnx.Conv (shared-weight convolution, zero padding)"
+    "supported layers: Dense / nnx.Linear (kernel (in, out) applied to the last axis), "
+    "Conv / nnx.Conv (shared-weight convolution, zero padding), DenseGeneral / "
+    "nnx.LinearGeneral and Einsum / nnx.Einsum (one kernel operand)"
 )
 
 # (Linen classes, NNX classes) per kind. Unsupported kernel layers are listed so that they
 # raise instead of being left float silently.
 _KINDS = (
-    ("unsupported", (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal),
-     (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)),
+    ("unsupported", (nn.ConvTranspose, nn.ConvLocal), (nnx.ConvTranspose,)),
     ("bn", (nn.BatchNorm,), (nnx.BatchNorm,)),
     ("dense", (nn.Dense,), (nnx.Linear,)),
     ("conv", (nn.Conv,), (nnx.Conv,)),
+    ("dense_general", (nn.DenseGeneral,), (nnx.LinearGeneral,)),
+    ("einsum", (nn.Einsum,), (nnx.Einsum,)),
 )  # fmt: skip
 HookFn = Callable[[Any, Path, str, tuple, dict, Callable[[], Any]], Any]
 
 
 def layer_kind(module: Any) -> str | None:
-    """'dense', 'conv', 'bn', 'unsupported', or None (not a layer this package looks at)."""
+    """'dense', 'conv', 'dense_general', 'einsum', 'bn', 'unsupported', or None (not a layer
+    this package looks at)."""
     for kind, linen, nnx_classes in _KINDS:
         if isinstance(module, linen + nnx_classes):
             return kind

@@ -16,7 +16,7 @@ class LayerRecord:
     """One quantized layer of a model: where it is, its LayerResult, and what it cost.
 
     path: module path (Linen: in ``variables['params']``; NNX: attribute path); name: "/".join.
-    kind: "dense" or "conv"; shape: the kernel shape (Flax layout).
+    kind: "dense", "conv", "dense_general" or "einsum"; shape: the kernel shape (Flax layout).
     result: the one-layer LayerResult (codes, step, rel_error, spec, method, c, offset);
       its fields are readable on the record too (``record.codes``, ``record.scale``, ...).
     seconds = capture_seconds (forward passes, incl. compilation) + stats_seconds

@@ -11,6 +11,7 @@ layers and layers inside lifted transforms raise errors that name the module pat
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gpfq_jax.core.patches import ConvGeometry
+from gpfq_jax.core.patches import ConvGeometry, MatrixView
 from gpfq_jax.flax.intercept import (
     SUPPORTED,
     check_not_lifted,
@@ -38,9 +39,11 @@ class LayerInfo:
     """A quantizable layer found by :func:`trace_model`.
 
     path: Linen, module path inside ``variables['params']``; NNX, attribute path to the module.
-    kind: "dense" or "conv". kernel_shape: Flax layout ((in, out) or (kh, kw, cin/g, cout)).
+    kind: "dense", "conv", "dense_general" or "einsum". kernel_shape: the stored kernel's
+    shape ((in, out), (kh, kw, cin/g, cout), or any for the general kinds).
     input_shape: the input of its call on the traced batch. geometry: the conv's patches
-    (explicit padding resolved for ``input_shape``), None for dense layers.
+    (explicit padding resolved for ``input_shape``), None for the other kinds. view: how a
+    general layer's input and kernel become (g, N, n) problems, None for Dense / Conv.
     call_index: position in the forward pass (first call).
     """
 
@@ -52,10 +55,25 @@ class LayerInfo:
     geometry: ConvGeometry | None = None
     has_bias: bool = False
     call_index: int = 0
+    view: MatrixView | None = None
 
     @property
     def feature_group_count(self) -> int:
+        if self.view is not None:
+            return self.view.groups
         return 1 if self.geometry is None else self.geometry.feature_group_count
+
+    @property
+    def features(self) -> int:
+        """N, the input features of each of the layer's problems."""
+        return self.view.features if self.view is not None else math.prod(self.kernel_shape[:-1])
+
+    @property
+    def neurons(self) -> int:
+        """n, the neurons of each of the layer's problems."""
+        if self.view is not None:
+            return self.view.neurons
+        return self.kernel_shape[-1] // self.feature_group_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +136,74 @@ def _kernel_shape(module: Any, path: Path, params: Any) -> tuple[int, ...]:
     return tuple(kernel.shape)
 
 
-def _layer_info(module: Any, path: Path, kind: str, x: Any, params: Any) -> dict[str, Any]:
+def _einsum_labels(eq: str, shape: tuple[int, ...], name: str) -> tuple[list, list, list]:
+    """Input, kernel and output axis labels of a two-operand einsum (``...`` expanded)."""
+    eq = eq.replace(" ", "")
+    if eq.count("->") != 1 or eq.count(",") != 1:
+        raise NotImplementedError(f"einsum layer {name!r}: {eq!r} is not 'in,kernel->out'")
+    lhs, out = eq.split("->")
+    ins, ker = lhs.split(",")
+    if "..." in ker:
+        raise NotImplementedError(f"einsum layer {name!r}: '...' in the kernel operand of {eq!r}")
+    explicit = len(ins.replace("...", ""))
+    if len(shape) < explicit or ("..." not in ins and len(shape) != explicit):
+        raise InputShapeError(name, shape, f"{len(ins)} axes for {eq!r}")
+    ell = [("...", i) for i in range(len(shape) - explicit)]
+
+    def labels(spec: str) -> list:
+        head, _, tail = spec.partition("...")
+        return [*head, *(ell if "..." in spec else []), *tail]
+
+    return labels(ins), list(ker), labels(out)
+
+
+def _view(module: Any, kind: str, x: Any, args: tuple, kwargs: dict, kshape, name: str):
+    """The MatrixView of a DenseGeneral / LinearGeneral / Einsum call with input ``x``."""
+    shape = tuple(int(s) for s in jnp.shape(x))
+    if kind == "einsum":
+        eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+        ins, ker, out = _einsum_labels(eq, shape, name)
+        expected = kshape
+    else:
+        nnx_ = hasattr(module, "batch_axis")
+        batch = tuple(module.batch_axis) if nnx_ else module.batch_dims
+        axis, feats = module.axis, module.out_features if nnx_ else module.features
+        canon = lambda a: (a,) if isinstance(a, int) else tuple(a)  # noqa: E731
+        batch, axis, feats = canon(batch), canon(axis), canon(feats)
+        if any(not -len(shape) <= a < len(shape) for a in batch + axis):
+            raise InputShapeError(name, shape, f"an input with axes {batch + axis}")
+        batch, axis = [a % len(shape) for a in batch], [a % len(shape) for a in axis]
+        ins = list(range(len(shape)))
+        ker = [*batch, *axis, *(("out", j) for j in range(len(feats)))]
+        out = [a for a in ins if a not in axis] + ker[len(batch) + len(axis) :]
+        expected = (*(shape[a] for a in batch), *(shape[a] for a in axis), *feats)
+    if tuple(kshape) != tuple(expected) or len(ker) != len(kshape):
+        raise NotImplementedError(
+            f"layer {name!r}: stored kernel shape {kshape} does not match its call (input "
+            f"{shape}); stacked kernels (nn.scan / nn.vmap) are not supported."
+        )
+    size = dict(zip(ker, kshape))
+    for lab, n in zip(ins, shape):
+        if lab in size and size[lab] != n:
+            raise InputShapeError(name, shape, f"axis {lab!r} of size {size[lab]}")
+    try:
+        return MatrixView.create(ins, ker, out, kshape)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"layer {name!r}: {e}") from e
+
+
+def _layer_info(
+    module: Any, path: Path, kind: str, x: Any, params: Any, args: tuple = (), kwargs=None
+) -> dict[str, Any]:
     """LayerInfo fields of a Dense/Conv call with input ``x``; InputShapeError if it does not
     fit the kernel, NotImplementedError for stacked kernels or masked convs."""
     name, shape = path_name(path), tuple(int(s) for s in jnp.shape(x))
     kshape = _kernel_shape(module, path, params)
+    has_bias = module.use_bias if params is not None else module.bias is not None
+    if kind in ("dense_general", "einsum"):
+        view = _view(module, kind, x, args, kwargs or {}, kshape, name)
+        return dict(path=path, name=name, kind=kind, kernel_shape=kshape, input_shape=shape,
+                    has_bias=bool(has_bias), view=view)  # fmt: skip
     features = module.features if params is not None else module.out_features
     geometry = None
     if kind == "dense":
@@ -148,7 +229,6 @@ def _layer_info(module: Any, path: Path, kind: str, x: Any, params: Any) -> dict
             f"layer {name!r}: stored kernel shape {kshape} does not match its call (input "
             f"{shape}); stacked kernels (nn.scan / nn.vmap) are not supported."
         )
-    has_bias = module.use_bias if params is not None else module.bias is not None
     return dict(path=path, name=name, kind=kind, kernel_shape=kshape, input_shape=shape,
                 geometry=geometry, has_bias=bool(has_bias))  # fmt: skip
 
@@ -177,13 +257,15 @@ class _Recorder:
         if kind == "unsupported":
             self.unsupported.setdefault(path, recorded_base(module).__name__)
             return call()
-        self.layers.setdefault(path, _layer_info(module, path, kind, x, self.params))
+        if path not in self.layers:
+            self.layers[path] = _layer_info(module, path, kind, x, self.params, args, kwargs)
         self.active.add(path)
         try:
             out = call()
         finally:
             self.active.discard(path)
-        self.events.append(("layer", path, x, out))
+        if kind in ("dense", "conv"):  # BatchNorm folding: last-axis output channels only
+            self.events.append(("layer", path, x, out))
         return out
 
     def result(self) -> ModelTrace:

@@ -1,6 +1,7 @@
 """Models the driver cannot quantize: no quantizable layer, shared layers, unsupported kernel
-layers, non-zero padding, layers inside lifted transforms. Each error names the module path;
-nothing is left float silently."""
+layers (ConvTranspose, ConvLocal, einsums summing a kernel or input axis alone), non-zero
+padding, layers inside lifted transforms. Each error names the module path; nothing is left
+float silently."""
 
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ class Shared(nn.Module):
         return d(nn.relu(d(x)))
 
 
-class WithDenseGeneral(nn.Module):
+class SharedGeneral(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.DenseGeneral((2, 3))(nn.Dense(6)(x))
+        d = nn.DenseGeneral(6)
+        return d(nn.relu(d(x)))
 
 
 class WithConvTranspose(nn.Module):
@@ -53,7 +55,7 @@ class WithConvTranspose(nn.Module):
 class WithEinsum(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Einsum((6, 3), "bi,io->bo")(x)
+        return nn.Einsum((6, 3, 2), "bi,ioz->bo")(x)  # kernel axis z summed over alone
 
 
 class WithConvLocal(nn.Module):
@@ -138,17 +140,18 @@ CASES = error_cases(
     ("nnx-no-layer", nnx_(lambda: NNoLayer(R(0))), ValueError, NO_LAYER),
     ("linen-shared-layer", linen(Shared()), ModelStructureError, SHARED.format("Dense_0")),
     ("nnx-shared-layer", nnx_(lambda: NShared(R(0))), ModelStructureError, SHARED.format("lin")),
-    ("linen-DenseGeneral", linen(WithDenseGeneral()), NotImplementedError,
-     UNSUPPORTED.format("DenseGeneral_0", "DenseGeneral")),
-    ("nnx-LinearGeneral", nnx_(lambda: NOne(lambda r: nnx.LinearGeneral(6, (2, 3), rngs=r), R(0))),
-     NotImplementedError, UNSUPPORTED.format("layer", "LinearGeneral")),
+    ("linen-shared-DenseGeneral", linen(SharedGeneral()), ModelStructureError,
+     SHARED.format("DenseGeneral_0")),
+    ("nnx-Einsum-input-axis-summed",
+     nnx_(lambda: NOne(lambda r: nnx.Einsum("bi,io->o", (6, 3), rngs=r), R(0))),
+     NotImplementedError, r"layer 'layer': input axis 'b' is summed over alone"),
     ("linen-ConvTranspose", linen(WithConvTranspose(), IMAGES), NotImplementedError,
      UNSUPPORTED.format("ConvTranspose_0", "ConvTranspose")),
     ("nnx-ConvTranspose",
      nnx_(lambda: NOne(lambda r: nnx.ConvTranspose(2, 3, (3, 3), rngs=r), R(0)), IMAGES),
      NotImplementedError, UNSUPPORTED.format("layer", "ConvTranspose")),
-    ("linen-Einsum", linen(WithEinsum()), NotImplementedError,
-     UNSUPPORTED.format("Einsum_0", "Einsum")),
+    ("linen-Einsum-kernel-axis-summed", linen(WithEinsum()), NotImplementedError,
+     r"layer 'Einsum_0': kernel axis 'z' is summed over alone"),
     ("linen-ConvLocal", linen(WithConvLocal(), IMAGES), NotImplementedError,
      UNSUPPORTED.format("ConvLocal_0", "ConvLocal")),
     ("linen-CIRCULAR-padding", linen(Padded("CIRCULAR"), IMAGES), NotImplementedError,
