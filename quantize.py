@@ -14,6 +14,8 @@ validation and test splits and saved. Written into ``--workdir`` (atomically, af
 run): results.json, results.md, accuracy_vs_bits.png, layer_errors.png and
 quantized/<method>_<grid>_<bits>/ (gq.save_quantized). A failed run is recorded with its
 error, the others go on, and the exit status is 1; the float checkpoint is only read.
+Rerun with the same workdir and setup, quantize.py keeps the finished runs of results.json
+(marked "resumed") and does the rest; use a new workdir (or delete results.json) to redo them.
 
 The work is done by ``experiments.quantization.quantize_experiment(config, workdir)``
 (``config.experiment = "quantize"``, the default) or
