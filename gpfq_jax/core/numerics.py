@@ -27,6 +27,14 @@ def check_real(name: str, a: Any) -> None:
         raise TypeError(f"{name} has dtype {dtype}; layer inputs must be real (float or int)")
 
 
+def check_fraction(name: str, value: Any) -> None:
+    """``value`` must be a real number (not a bool) in (0, 1]: TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den``, and 0 where ``den == 0`` (a zero input column)."""
     pos = den > 0
@@ -109,6 +117,7 @@ def as_float32_safe(name: str, a: Any) -> jax.Array:
 __all__ = [
     "HIGHEST",
     "check_finite",
+    "check_fraction",
     "check_real",
     "safe_ratio",
     "pow2_normalizer",

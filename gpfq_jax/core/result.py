@@ -13,6 +13,14 @@ from gpfq_jax.core.alphabets import QuantSpec, dequantize, describe
 from gpfq_jax.core.groups import expand_groups
 
 
+def per_weight(a: jax.Array | None, shape: tuple[int, ...], group_size: int | None) -> Any:
+    """Compact group-wise steps or zero points (ceil(N / group_size), N_out) as an array of
+    the kernel's ``shape`` (N = prod(shape[:-1])); without groups (or None) ``a`` as is."""
+    if a is None or group_size is None:
+        return a
+    return expand_groups(a, math.prod(shape[:-1]), group_size).reshape(shape)
+
+
 def kernel_values(
     codes: jax.Array,
     step: jax.Array,
@@ -25,15 +33,8 @@ def kernel_values(
     """A quantized kernel's values from its codes (kernel-shaped) and its compact steps and
     zero points ((N_out,), () or, with ``group_size``, (ceil(N / group_size), N_out)):
     ``dequantize`` after expanding the groups to the kernel's rows."""
-    shape = codes.shape
-    n = math.prod(shape[:-1])
-
-    def per_weight(a):
-        if a is None or group_size is None:
-            return a
-        return expand_groups(a, n, group_size).reshape(shape)
-
-    return dequantize(codes, per_weight(step), offset, dtype, zero_point=per_weight(zero_point))
+    step, zero_point = (per_weight(a, codes.shape, group_size) for a in (step, zero_point))
+    return dequantize(codes, step, offset, dtype, zero_point=zero_point)
 
 
 @dataclasses.dataclass
@@ -72,22 +73,15 @@ class LayerResult:
         """The step array (the public name the README and checkpoints use)."""
         return self.step
 
-    def _per_weight(self, a: jax.Array | None) -> jax.Array | None:
-        if a is None or self.group_size is None:
-            return a
-        shape = self.codes.shape
-        rows = expand_groups(a, math.prod(shape[:-1]), self.group_size)
-        return rows.reshape(shape)
-
     @property
     def weight_step(self) -> jax.Array:
         """The step of every weight, broadcastable against ``codes`` (kernel-shaped with groups)."""
-        return self._per_weight(self.step)
+        return per_weight(self.step, self.codes.shape, self.group_size)
 
     @property
     def weight_zero_point(self) -> jax.Array | None:
         """The zero point of every weight (None on symmetric grids), like ``weight_step``."""
-        return self._per_weight(self.zero_point)
+        return per_weight(self.zero_point, self.codes.shape, self.group_size)
 
     def values(self, dtype: Any = None) -> jax.Array:
         """``kernel_values`` of this result in ``dtype`` (default: the steps' dtype)."""

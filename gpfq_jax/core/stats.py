@@ -25,6 +25,7 @@ import numpy as np
 from gpfq_jax.core.numerics import (
     HIGHEST,
     as_float32_safe,
+    check_fraction,
     check_real,
     max_abs,
     pow2_normalizer,
@@ -193,12 +194,7 @@ class StatsAccumulator:
         kernel: jax.Array | None = None,
         view: MatrixView | None = None,
     ):
-        if isinstance(patch_fraction, bool) or not isinstance(
-            patch_fraction, int | float | np.integer | np.floating
-        ):
-            raise TypeError(f"patch_fraction must be a number in (0, 1], got {patch_fraction!r}")
-        if not 0 < patch_fraction <= 1:
-            raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+        check_fraction("patch_fraction", patch_fraction)
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
             raise ValueError(f"statistics dtype must be float32 or float64, got {jnp.dtype(dtype)}")
         self.geometry, self.view = geometry, view

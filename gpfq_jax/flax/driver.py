@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.layer import quantize_from_stats
-from gpfq_jax.core.numerics import max_abs
+from gpfq_jax.core.numerics import check_fraction, max_abs
 from gpfq_jax.core.sharding import replicate, resolve_mesh
 from gpfq_jax.core.stats import StatsAccumulator
 from gpfq_jax.flax.bn_fold import fold_batchnorms
@@ -192,10 +192,7 @@ def _check_options(*, seed: Any, patch_fraction: Any, apply_kwargs: Any, **flags
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if isinstance(patch_fraction, bool) or not isinstance(patch_fraction, int | float):
-        raise TypeError(f"patch_fraction must be a number in (0, 1], got {patch_fraction!r}")
-    if not 0 < patch_fraction <= 1:
-        raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction!r}")
+    check_fraction("patch_fraction", patch_fraction)
     if apply_kwargs is not None and not isinstance(apply_kwargs, dict):
         raise TypeError(f"apply_kwargs must be a dict or None, got {type(apply_kwargs).__name__}")
 
