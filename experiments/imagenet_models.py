@@ -321,7 +321,7 @@ def _bn_momenta(model: nn.Module, abstract: Any, x0: jax.ShapeDtypeStruct) -> di
         return call()
 
     jax.eval_shape(
-        lambda v, xb: intercepted_forward(model, None, v, xb, {"train": False}, record_bn),
+        lambda v, xb: intercepted_forward(model, None, v, (xb,), {"train": False}, record_bn),
         abstract,
         x0,
     )

@@ -56,4 +56,29 @@ def replicate(a, mesh: Mesh):
     return jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
 
 
-__all__ = ["AUTO_AXIS", "pad_to_multiple", "replicate", "resolve_mesh", "shard_along"]
+def place_batch(batch, mesh: Mesh | None):
+    """Split a batch over the mesh's devices along its leading (batch) axis.
+
+    Single process: only when the batch size is a multiple of the device count (otherwise
+    the batch stays where it is; the statistics still split its rows). Several processes:
+    ``batch`` is this process's share and becomes one global array.
+    """
+    if mesh is None:
+        return batch
+    spec = PartitionSpec(tuple(mesh.axis_names), *([None] * (np.ndim(batch) - 1)))
+    sharding = NamedSharding(mesh, spec)
+    if jax.process_count() > 1:
+        return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
+    if batch.shape[0] % mesh.size:
+        return batch
+    return jax.device_put(batch, sharding)
+
+
+__all__ = [
+    "AUTO_AXIS",
+    "pad_to_multiple",
+    "place_batch",
+    "replicate",
+    "resolve_mesh",
+    "shard_along",
+]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpfq_jax.flax.intercept import check_not_lifted, intercepted_forward, is_nnx, outer_trace
-from gpfq_jax.flax.paths import first_input, get_in, module_at, path_name, replace_in
+from gpfq_jax.flax.paths import Path, first_input, get_in, module_at, path_name, replace_in
 from gpfq_jax.flax.tracing import LayerInfo, require_no_variables
 
 
@@ -50,6 +50,48 @@ def _as_state(state_or_model: Any, graphdef: Any) -> Any:
     return state
 
 
+_TRACES = [0]
+
+
+def traced_functions() -> int:
+    """How many capture / block functions have been traced (each trace is one compilation)
+    in this process: a counter the driver reports differences of."""
+    return _TRACES[0]
+
+
+def count_trace() -> None:
+    """Call inside a function being traced by ``jax.jit`` (runs once per compilation)."""
+    _TRACES[0] += 1
+
+
+def layer_input(
+    model: Any,
+    graphdef: Any,
+    variables_or_state: Any,
+    args: tuple,
+    kwargs: dict,
+    path: Path,
+    kind: str,
+) -> jax.Array:
+    """The input of the layer at ``path`` (of ``kind``) when ``model(*args, **kwargs)`` runs
+    (see ``intercepted_forward`` for the model arguments). Meant to be traced: everything
+    downstream of the layer is pruned. Raises if the layer is not called or is inside a lifted
+    transform."""
+    count_trace()
+    outer, box = outer_trace((args, kwargs)), []
+
+    def hook(module, at, at_kind, call_args, call_kwargs, call):
+        if not box and at_kind == kind:
+            box.append(first_input(call_args, call_kwargs))
+        return call()
+
+    intercepted_forward(model, graphdef, variables_or_state, args, kwargs, hook, only=path)
+    if not box:
+        raise ValueError(f"layer {path_name(path)!r} was not called in the forward pass")
+    check_not_lifted(box[0], outer, path)
+    return box[0]
+
+
 def make_input_capturer(
     model: Any, variables_or_none: Any, layer: LayerInfo, **apply_kwargs
 ) -> Callable[[Any, Any], jax.Array]:
@@ -69,20 +111,9 @@ def make_input_capturer(
         _linen_kernel(variables_or_none, layer)
 
     def capture(variables_or_state: Any, batch: Any) -> jax.Array:
-        outer, box = outer_trace(batch), []
-
-        def hook(module, path, kind, args, kwargs, call):
-            if not box and kind == layer.kind:
-                box.append(first_input(args, kwargs))
-            return call()
-
-        intercepted_forward(
-            model, graphdef, variables_or_state, batch, apply_kwargs, hook, only=layer.path
+        return layer_input(
+            model, graphdef, variables_or_state, (batch,), apply_kwargs, layer.path, layer.kind
         )
-        if not box:
-            raise ValueError(f"layer {layer.name!r} was not called in the forward pass")
-        check_not_lifted(box[0], outer, layer.path)
-        return box[0]
 
     jitted = jax.jit(capture)
     if graphdef is None:
@@ -128,4 +159,11 @@ def set_kernel(model_or_variables: Any, layer: LayerInfo, new_kernel: jax.Array)
     return replace_in(model_or_variables, ("params", *layer.path, "kernel"), new)
 
 
-__all__ = ["make_input_capturer", "get_kernel", "set_kernel"]
+__all__ = [
+    "make_input_capturer",
+    "layer_input",
+    "get_kernel",
+    "set_kernel",
+    "traced_functions",
+    "count_trace",
+]

@@ -12,35 +12,32 @@ Linen and NNX specifics live in ``gpfq_jax.flax.targets``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
+from jax.sharding import Mesh
 
 from gpfq_jax.core.alphabets import QuantSpec
-from gpfq_jax.core.general import matrix_layout, quantize_view
-from gpfq_jax.core.layer import quantize_from_stats
-from gpfq_jax.core.numerics import check_fraction, max_abs
-from gpfq_jax.core.sharding import replicate, resolve_mesh
-from gpfq_jax.core.stats import StatsAccumulator
+from gpfq_jax.core.numerics import check_fraction
+from gpfq_jax.core.sharding import resolve_mesh
+from gpfq_jax.flax.activation_cache import ActivationCache
+from gpfq_jax.flax.blocks import find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
-from gpfq_jax.flax.calibration import Calibration
-from gpfq_jax.flax.results import LayerRecord, QuantizeResult
-from gpfq_jax.flax.rules import LayerPlan, plan_layers
+from gpfq_jax.flax.calibration import Calibration, fingerprint
+from gpfq_jax.flax.results import QuantizeResult
+from gpfq_jax.flax.resume import ResumeStore, run_fingerprint
+from gpfq_jax.flax.rules import plan_layers
+from gpfq_jax.flax.schedule import LayerWalk, RunOptions
 from gpfq_jax.flax.targets import Target, make_target
-from gpfq_jax.flax.tracing import (
-    InputShapeError,
-    LayerInfo,
-    ModelStructureError,
-    ModelTrace,
-    trace_model,
-)
+from gpfq_jax.flax.tracing import InputShapeError, ModelStructureError, ModelTrace, trace_model
 
 
 def default_apply_kwargs(model: Any) -> dict:
@@ -77,6 +74,10 @@ def quantize_params(
     act_order: bool = False,
     stats_dtype=jnp.float32,
     mesh: Mesh | str | None = None,
+    blocks: str | Sequence[str] | None = "auto",
+    shared_stats: bool = True,
+    cache_bytes: int = 2**31,
+    resume_dir: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """Quantize every Dense/Conv/DenseGeneral/Einsum layer of ``model``, in forward order (GPFQ
     by default; general layers as the (g, N, n) problems of their ``MatrixView``).
@@ -111,7 +112,23 @@ def quantize_params(
         over the devices for the forward passes, the statistics are accumulated
         data-parallel, and each layer's neurons are split over the devices. The codes do
         not depend on the device count (up to float summation order in the statistics).
-    Returns: QuantizeResult.
+      blocks: how layers get their inputs. "auto" (default): repeated sibling submodules
+        (``layers_0``, ``layers_1``, ... or NNX list items) that form a chain (each block's
+        first argument is the previous block's output; see ``gpfq_jax.flax.blocks``) are run
+        one at a time from cached block inputs, so the forward work grows linearly with depth;
+        layers outside blocks, or every layer when none are found, use whole-model runs.
+        None: whole-model runs for every layer (the reference driver). A list of regex
+        patterns fully matched against module names ("layers_\\d+", "encoder/block_\\d+"): those
+        modules are the blocks (BlockStructureError if they do not form a chain).
+      shared_stats: layers that read the same tensor (q, k, v; gate, up) accumulate their
+        statistics once and are quantized from them (the codes equal those of separate
+        accumulation). False accumulates per layer.
+      cache_bytes: host memory budget of the cached block inputs (both streams); arrays
+        above it are written to disk (``resume_dir``/spill, or a temporary directory).
+      resume_dir: a directory to make the run resumable: every finished layer and the block
+        inputs are written there atomically, and a rerun with the same arguments continues
+        after the last finished layer with the same result (see ``gpfq_jax.flax.resume``).
+    Returns: QuantizeResult (``driver`` says how it ran: blocks, shared statistics, compiles).
     """
     start = time.perf_counter()
     _check_options(
@@ -129,60 +146,48 @@ def quantize_params(
     folded = []
     if fold_batchnorm:
         folded = fold_batchnorms(target, trace.bn_follows, trace.layers, plans, batches.first)
-    records, skipped = _quantize_layers(
-        target, trace.layers, plans, batches, progress=progress,
+    found, note = find_blocks(target.model, target.discover_vars, batches.first, target.kwargs,
+                              trace.layers, blocks)  # fmt: skip
+    options = RunOptions(
         key=jax.random.PRNGKey(seed) if key is None else key, seed=seed,
         bias_correction=bias_correction, patch_fraction=patch_fraction,
         stats_dtype=stats_dtype, mesh=mesh, block_size=block_size, damp=damp,
-        act_order=act_order,
+        act_order=act_order, shared_stats=shared_stats, progress=progress,
     )  # fmt: skip
+    store = None
+    if resume_dir is not None:
+        parts = _fingerprint_parts(target, trace, plans, found, batches, options, fold_batchnorm)
+        store = ResumeStore(resume_dir, run_fingerprint(parts))
+    spill = None if resume_dir is None else Path(resume_dir) / "spill"
+    walk = LayerWalk(target, trace.layers, plans, found, batches, options,
+                     ActivationCache(cache_bytes, spill), store)  # fmt: skip
+    records, skipped, report = walk.run()
+    report.note = note
     variables_out, model_out = target.result()
     elapsed = time.perf_counter() - start
     return QuantizeResult(
-        variables_out, model_out, records, skipped, folded, target.framework, elapsed
+        variables_out, model_out, records, skipped, folded, target.framework, elapsed, report
     )
 
 
-def _quantize_layers(
-    target: Target,
-    layers: list[LayerInfo],
-    plans: list[LayerPlan],
-    batches: Calibration,
-    *,
-    progress: bool,
-    key: jax.Array,
-    seed: int,
-    **layer_kwargs: Any,
-) -> tuple[list[LayerRecord], list[str]]:
-    """Quantize the planned layers in forward order (a progress bar over layers).
-
-    Layer i gets the PRNG key ``fold_in(key, i)`` and the patch-sampling seed derived from
-    ``seed`` and i; ``layer_kwargs`` go to ``_quantize_layer``.
-    """
-    records, skipped = [], []
-    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
-    try:
-        for i, (layer, plan) in enumerate(zip(layers, plans)):
-            bar.set_postfix_str(layer.name)
-            if plan.skip:
-                skipped.append(layer.name)
-            else:
-                records.append(
-                    _quantize_layer(
-                        target,
-                        layer,
-                        plan,
-                        batches,
-                        changed=bool(records),
-                        key=jax.random.fold_in(key, i),
-                        seed=(seed * 1_000_003 + i) % 2**31,
-                        **layer_kwargs,
-                    )  # fmt: skip
-                )
-            bar.update(1)
-    finally:
-        bar.close()
-    return records, skipped
+def _fingerprint_parts(target, trace, plans, blocks, batches, options, folded) -> dict:
+    """What a resumed run must share with the saved one (``run_fingerprint`` hashes it)."""
+    opts = dataclasses.asdict(options)
+    opts.pop("progress")
+    opts["key"] = np.asarray(jax.random.key_data(options.key) if jnp.issubdtype(
+        options.key.dtype, jax.dtypes.prng_key) else options.key)  # fmt: skip
+    opts["stats_dtype"] = jnp.dtype(options.stats_dtype).name
+    opts["mesh"] = None if options.mesh is None else options.mesh.size
+    return {
+        "layers": [(lay.name, lay.kind, lay.kernel_shape) for lay in trace.layers],
+        "plans": [(p.skip, p.spec.to_dict(), p.method) for p in plans],
+        "blocks": [b.name for b in blocks],
+        "options": opts,
+        "fold_batchnorm": folded,
+        "calibration": [fingerprint(b) for b in batches],
+        "weights": jax.tree.leaves(target.float_arg),
+        "apply_kwargs": repr(sorted(target.kwargs.items())),
+    }
 
 
 def _check_options(*, seed: Any, patch_fraction: Any, apply_kwargs: Any, **flags: Any) -> None:
@@ -210,24 +215,6 @@ def _check_stats_dtype(dtype: Any) -> None:
         )
 
 
-def _place(batch: Any, mesh: Mesh | None) -> Any:
-    """Split a calibration batch over the mesh's devices along its batch axis.
-
-    Single process: only when the batch size is a multiple of the device count (otherwise
-    the batch stays where it is; the statistics still split its rows). Several processes:
-    ``batch`` is this process's share and becomes one global array.
-    """
-    if mesh is None:
-        return batch
-    spec = PartitionSpec(tuple(mesh.axis_names), *([None] * (np.ndim(batch) - 1)))
-    sharding = NamedSharding(mesh, spec)
-    if jax.process_count() > 1:
-        return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
-    if batch.shape[0] % mesh.size:
-        return batch
-    return jax.device_put(batch, sharding)
-
-
 def _checked_trace(target: Target, batch: Any) -> ModelTrace:
     """The model map from one abstract pass; a model that fails on ``batch`` -> ValueError."""
     shape = tuple(batch.shape)
@@ -245,128 +232,4 @@ def _checked_trace(target: Target, batch: Any) -> ModelTrace:
         ) from e
 
 
-def _accumulate(
-    target: Target,
-    layer: LayerInfo,
-    acc: StatsAccumulator,
-    batches: Calibration,
-    *,
-    changed: bool,
-    input_means: bool,
-    mesh: Mesh | None,
-) -> tuple[LayerRecord, tuple[np.ndarray, np.ndarray] | None]:
-    """Stream every batch's layer inputs (float and partially quantized) into ``acc``.
-
-    Returns a LayerRecord holding the capture / statistics timings (no result yet) and, with
-    ``input_means``, the mean input rows (g, N) of the float and the quantized model (all
-    rows, not subsampled) for bias correction.
-    """
-    capture = target.capturer(layer)
-    record = LayerRecord(layer.path, layer.name, layer.kind, tuple(layer.kernel_shape), None)
-    sum_x, sum_xq, count = 0.0, 0.0, 0
-    float_arg, quant_arg = target.float_arg, target.quant_arg
-    if mesh is not None:  # the models on every device, once per layer (not per batch)
-        float_arg = replicate(float_arg, mesh)
-        quant_arg = replicate(quant_arg, mesh) if changed else float_arg
-    for b in batches:
-        t0 = time.perf_counter()
-        b = _place(b, mesh)
-        x = jax.block_until_ready(capture(float_arg, b))
-        xq = jax.block_until_ready(capture(quant_arg, b)) if changed else x
-        t1 = time.perf_counter()
-        acc.update(x, xq)
-        if input_means:
-            rows = acc.rows(x)
-            count += rows.shape[0]
-            sum_x = sum_x + np.asarray(rows.sum(0), np.float64)
-            sum_xq = sum_xq + np.asarray((acc.rows(xq) if changed else rows).sum(0), np.float64)
-        jax.block_until_ready(acc.stats)
-        record.stats_seconds += time.perf_counter() - t1
-        record.capture_seconds += t1 - t0
-        record.capture_first_seconds = record.capture_first_seconds or t1 - t0
-    record.rows = int(acc.stats.count)
-    return record, ((sum_x / count, sum_xq / count) if input_means else None)
-
-
-def _quantize_layer(
-    target: Target,
-    layer: LayerInfo,
-    plan: LayerPlan,
-    batches: Calibration,
-    *,
-    changed: bool,
-    bias_correction: bool,
-    seed: int,
-    patch_fraction: float,
-    stats_dtype: Any,
-    mesh: Mesh | None,
-    **quant_kwargs: Any,
-) -> LayerRecord:
-    """Capture, accumulate, quantize and write back one layer.
-
-    ``quant_kwargs`` (key, block_size, damp, act_order) go to ``quantize_from_stats``.
-    """
-    kernel = target.float_kernel(layer)
-    view, features, neurons = layer.view, layer.features, layer.neurons
-    mat = kernel if view is None else matrix_layout(kernel, view)  # (..., g*n) column blocks
-    # F = X^T X costs rows x N^2; the per-neuron output norms that can replace it (the kernel is
-    # known here) cost 2 x rows x N x n: use whichever is cheaper.
-    acc = StatsAccumulator(
-        features, layer.geometry, stats_dtype, patch_fraction, seed, mesh=mesh,
-        kernel=mat if 2 * neurons < features else None, view=view,
-    )  # fmt: skip
-    correct = bias_correction and layer.has_bias
-    if correct and layer.kind == "einsum":  # its bias need not follow the kernel's axes
-        raise NotImplementedError(f"layer {layer.name!r}: bias correction of an Einsum "
-                                  "layer is not supported; skip it with a rule")  # fmt: skip
-    record, means = _accumulate(
-        target, layer, acc, batches, changed=changed, input_means=correct, mesh=mesh
-    )
-    t0 = time.perf_counter()
-    try:
-        args = (acc.result(), plan.spec, plan.method)
-        if view is None:
-            r = quantize_from_stats(kernel, *args, mesh=mesh, **quant_kwargs)
-        else:  # general layers: codes and steps in the kernel's own layout
-            r = quantize_view(kernel, view, *args, mesh=mesh, **quant_kwargs)
-    except (ValueError, TypeError) as e:  # name the layer and, for NaN/Inf, the likely cause
-        hint = ""
-        if "statistics (" in str(e) and "NaN or Inf" in str(e):
-            hint = (f" (the layer's inputs reached {max_abs(acc.stats.hess):.3g} in the "
-                    f"statistics: a {jnp.dtype(stats_dtype).name} overflow, or NaN/Inf inputs "
-                    "from earlier layers; check the calibration data's scale)")  # fmt: skip
-        raise type(e)(f"layer {layer.name!r}: {e}{hint}") from e
-    q = jax.block_until_ready(r.values(kernel.dtype))
-    record.quant_seconds = time.perf_counter() - t0
-    record.result = r
-    target.set_kernel(layer, q)
-    if correct:
-        qmat = q if view is None else matrix_layout(q, view)
-        shift = bias_shift(*means, mat, qmat, layer.feature_group_count)
-        bias = target.quant_bias(layer)
-        shift = shift.reshape(bias.shape)  # DenseGeneral: bias (batch, features), g-major
-        target.set_bias(layer, (np.asarray(bias, np.float64) + shift).astype(bias.dtype))
-        record.bias_shift = jnp.asarray(shift, bias.dtype)
-    return record
-
-
-def bias_shift(
-    mean_x: np.ndarray, mean_xq: np.ndarray, kernel: jax.Array, q: jax.Array, groups: int = 1
-) -> np.ndarray:
-    """(cout,) mean float output minus mean quantized output of a layer, bias excluded.
-
-    mean_x, mean_xq: (g, N) mean input rows (float / quantized model; patches for conv);
-    kernel, q: float and dequantized kernels (..., cout/.. Flax layout).
-    """
-
-    def grouped(k):
-        mat = np.asarray(k, np.float64).reshape(-1, k.shape[-1])
-        return mat.reshape(mat.shape[0], groups, -1).transpose(1, 0, 2)  # (g, N, cout/g)
-
-    out = np.einsum("gi,gin->gn", mean_x, grouped(kernel)) - np.einsum(
-        "gi,gin->gn", mean_xq, grouped(q)
-    )
-    return out.reshape(-1)
-
-
-__all__ = ["quantize_params", "default_apply_kwargs", "bias_shift"]
+__all__ = ["quantize_params", "default_apply_kwargs"]

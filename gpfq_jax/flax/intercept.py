@@ -94,43 +94,52 @@ def intercepted_forward(
     model: Any,
     graphdef: Any,
     variables_or_state: Any,
-    x: Any,
-    apply_kwargs: dict,
+    args: tuple,
+    kwargs: dict,
     hook: HookFn,
     only: Path | None = None,
+    watch: frozenset[Path] = frozenset(),
 ) -> Any:
-    """Run the forward pass, calling ``hook(module, path, kind, args, kwargs, call)`` on every
-    layer call of a known kind (``call()`` runs the layer; the hook returns its output).
+    """Run ``model(*args, **kwargs)``, calling ``hook(module, path, kind, args, kwargs, call)``
+    on every layer call of a known kind (``call()`` runs the layer; the hook returns its output).
 
-    Linen: ``model.apply(variables, x, **apply_kwargs)``. NNX: ``graphdef`` and the state of
-    ``nnx.split(model)``; the call runs on a merged copy. ``only``: observe just the layer at
-    this path (NNX installs one recorder; Linen filters).
+    Linen: ``model.apply(variables, *args, **kwargs)``. NNX: ``graphdef`` and the state of
+    ``nnx.split(model)``; the call runs on a merged copy (``model`` itself is not used).
+    ``only``: observe just the layer at this path (NNX installs one recorder; Linen filters).
+    ``watch``: paths of other modules (blocks) whose ``__call__`` the hook also sees, with kind
+    "block". Paths are relative to the module run.
     """
     if graphdef is None:
 
-        def interceptor(next_fun, args, kwargs, context):
+        def interceptor(next_fun, call_args, call_kwargs, context):
             module = context.module
-            kind = layer_kind(module) if context.method_name == "__call__" else None
             path = tuple(module.path)
+            kind = None
+            if context.method_name == "__call__":
+                kind = "block" if path in watch else layer_kind(module)
             if kind is None or (only is not None and path != only):
-                return next_fun(*args, **kwargs)
-            return hook(module, path, kind, args, kwargs, lambda: next_fun(*args, **kwargs))
+                return next_fun(*call_args, **call_kwargs)
+            run = lambda: next_fun(*call_args, **call_kwargs)  # noqa: E731
+            return hook(module, path, kind, call_args, call_kwargs, run)
 
         with nn.intercept_methods(interceptor):
-            return model.apply(variables_or_state, x, **apply_kwargs)
+            return model.apply(variables_or_state, *args, **kwargs)
 
     copy = nnx.merge(graphdef, variables_or_state)
     for path, mod in list(nnx.iter_modules(copy)):
-        if layer_kind(mod) is not None and (only is None or tuple(path) == only):
+        path = tuple(path)
+        kind = "block" if path in watch else layer_kind(mod)
+        if kind is not None and (only is None or path == only):
             if not hasattr(mod, _TAG):  # a module reachable by two paths keeps the first
                 mod.__class__ = _recording_class(type(mod))
-                setattr(mod, _TAG, tuple(path))
+                setattr(mod, _TAG, (path, kind))
 
-    def nnx_hook(mod, args, kwargs, call):
-        return hook(mod, getattr(mod, _TAG), layer_kind(mod), args, kwargs, call)
+    def nnx_hook(mod, call_args, call_kwargs, call):
+        path, kind = getattr(mod, _TAG)
+        return hook(mod, path, kind, call_args, call_kwargs, call)
 
     with _nnx_hook(nnx_hook):
-        return copy(x, **apply_kwargs)
+        return copy(*args, **kwargs)
 
 
 def outer_trace(tree: Any) -> Any:

@@ -24,6 +24,9 @@ class LayerRecord:
     capture_first_seconds: the first batch's share of capture_seconds (includes compiling the
     layer's capture function). rows: calibration rows accumulated (samples for Dense, patches
     for Conv). bias_shift: (cout,) added to the bias by bias correction, else None.
+    block: the name of the block it was quantized in by the frontier driver (None: from
+    whole-model runs). shares_stats_with: the name of the layer whose statistics it reused
+    (it reads the same tensor), None when it accumulated its own.
     """
 
     path: Path
@@ -37,6 +40,8 @@ class LayerRecord:
     capture_first_seconds: float = 0.0
     rows: int = 0
     bias_shift: jax.Array | None = None
+    block: str | None = None
+    shares_stats_with: str | None = None
 
     # The LayerResult's fields, read through.
     codes = property(lambda self: self.result.codes, doc="integer codes, shape ``shape``")
@@ -61,6 +66,8 @@ class LayerRecord:
             **self.result.summary(),
             "rows": self.rows,
             "bias_corrected": self.bias_shift is not None,
+            "block": self.block,
+            "shares_stats_with": self.shares_stats_with,
             "seconds": self.seconds,
             "capture_seconds": self.capture_seconds,
             "capture_first_seconds": self.capture_first_seconds,
@@ -75,12 +82,14 @@ _TABLE = (
     ("shape", "{}"),
     ("bits", "{}"),
     ("grid", "{}"),
+    ("group_size", "{}"),
     ("method", "{}"),
     ("levels", "{}"),
     ("rel_error", "{:.4f}"),
     ("capture_s", "{:.3f}"),
     ("stats_s", "{:.3f}"),
     ("quant_s", "{:.3f}"),
+    ("shared_with", "{}"),
 )
 
 
@@ -91,13 +100,16 @@ class SummaryTable(list):
         if not self:
             return "(no quantized layers)"
         key = {
+            "shared_with": "shares_stats_with",
             "capture_s": "capture_seconds",
             "stats_s": "stats_seconds",
             "quant_s": "quant_seconds",
         }
         rows = [
             [
-                fmt.format(d[key.get(h, h)])
+                "-"
+                if d[key.get(h, h)] is None
+                else fmt.format(d[key.get(h, h)])
                 if not isinstance(d[key.get(h, h)], list)
                 else "x".join(map(str, d[key.get(h, h)]))
                 for h, fmt in _TABLE
@@ -111,6 +123,31 @@ class SummaryTable(list):
 
 
 @dataclasses.dataclass
+class DriverReport:
+    """How ``quantize_params`` ran.
+
+    mode: "frontier" (blocks run one at a time from cached block inputs) or "reference"
+    (every layer's inputs from whole-model runs). blocks: the block names, forward order.
+    note: what block detection found (or why there are no blocks). shared: groups of layers
+    quantized from one accumulation of statistics (they read the same tensor).
+    traced_functions: capture / block functions traced (compiled) during the run.
+    frontier_seconds: forward time spent moving the frontier (block inputs and outputs).
+    cache_peak_bytes / spilled_bytes: the frontier cache's largest host memory and disk use.
+    resumed_layers: layers taken from ``resume_dir`` instead of quantized in this call.
+    """
+
+    mode: str = "reference"
+    blocks: list[str] = dataclasses.field(default_factory=list)
+    note: str = ""
+    shared: list[list[str]] = dataclasses.field(default_factory=list)
+    traced_functions: int = 0
+    frontier_seconds: float = 0.0
+    cache_peak_bytes: int = 0
+    spilled_bytes: int = 0
+    resumed_layers: int = 0
+
+
+@dataclasses.dataclass
 class QuantizeResult:
     """What ``quantize_params`` returns.
 
@@ -120,6 +157,7 @@ class QuantizeResult:
     model: NNX: the quantized copy (the user's model is untouched); Linen: None.
     layers: one LayerRecord per quantized layer, forward order.
     skipped: names of the layers left float by rules. folded: (layer, batchnorm) name pairs.
+    driver: how the run went (blocks, shared statistics, compilations, cache); DriverReport.
     """
 
     variables: Any
@@ -129,6 +167,7 @@ class QuantizeResult:
     folded: list[tuple[str, str]]
     framework: str
     seconds: float = 0.0
+    driver: DriverReport = dataclasses.field(default_factory=DriverReport)
 
     def summary(self) -> SummaryTable:
         """Per-layer dicts; ``print(res.summary())`` shows a table."""
@@ -143,4 +182,4 @@ class QuantizeResult:
         )
 
 
-__all__ = ["LayerRecord", "QuantizeResult", "SummaryTable"]
+__all__ = ["LayerRecord", "DriverReport", "QuantizeResult", "SummaryTable"]

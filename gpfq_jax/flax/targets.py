@@ -17,7 +17,7 @@ from flax import nnx
 
 from gpfq_jax.flax.bn_fold import fold_linen, fold_nnx
 from gpfq_jax.flax.capture import make_input_capturer, set_kernel
-from gpfq_jax.flax.paths import get_in, module_at, replace_in
+from gpfq_jax.flax.paths import Path, get_in, module_at, replace_in
 from gpfq_jax.flax.tracing import LayerInfo, require_no_variables
 
 
@@ -33,6 +33,14 @@ class Target:
 
     def capturer(self, layer: LayerInfo) -> Callable:
         raise NotImplementedError
+
+    def block_vars(self, path: Path, quant: bool) -> Any:
+        """The variables (Linen) or state (NNX) of the submodule at ``path``, float or quant."""
+        raise NotImplementedError
+
+    def block_graphdef(self, path: Path) -> Any:
+        """NNX: the graph of the submodule at ``path``; Linen: None."""
+        return None
 
 
 class LinenTarget(Target):
@@ -69,6 +77,11 @@ class LinenTarget(Target):
 
     def set_bias(self, layer, b):
         self.quant_arg = replace_in(self.quant_arg, ("params", *layer.path, "bias"), jnp.asarray(b))
+
+    def block_vars(self, path, quant):
+        tree = self.quant_arg if quant else self.float_arg
+        subs = {col: get_in(tree[col], path) for col in tree}
+        return {col: sub for col, sub in subs.items() if sub is not None}
 
     def result(self):
         return self.quant_arg, None
@@ -129,6 +142,12 @@ class NNXTarget(Target):
     def set_bias(self, layer, b):
         module_at(self.qmodel, layer.path).bias.set_value(jnp.asarray(b))
         self._qstate = None
+
+    def block_vars(self, path, quant):
+        return nnx.state(module_at(self.qmodel if quant else self.model, path))
+
+    def block_graphdef(self, path):
+        return nnx.graphdef(module_at(self.model, path))
 
     def result(self):
         return nnx.to_pure_dict(nnx.state(self.qmodel)), self.qmodel

@@ -44,7 +44,9 @@ class LayerInfo:
     input_shape: the input of its call on the traced batch. geometry: the conv's patches
     (explicit padding resolved for ``input_shape``), None for the other kinds. view: how a
     general layer's input and kernel become (g, N, n) problems, None for Dense / Conv.
-    call_index: position in the forward pass (first call).
+    call_index: position in the forward pass (first call). same_input_as: the call_index of
+    the first layer that reads the very same input tensor (q, k and v; gate and up), its own
+    call_index when it is that layer.
     """
 
     path: Path
@@ -56,6 +58,7 @@ class LayerInfo:
     has_bias: bool = False
     call_index: int = 0
     view: MatrixView | None = None
+    same_input_as: int = 0
 
     @property
     def feature_group_count(self) -> int:
@@ -243,6 +246,7 @@ class _Recorder:
         self.unsupported: dict[Path, str] = {}
         self.events: list[tuple[str, Path, Any, Any]] = []  # (kind, path, input, output|BNFollow)
         self.active: set[Path] = set()
+        self.readers: dict[int, tuple[Any, int]] = {}  # id(input) -> (input, first reader)
 
     def __call__(self, module, path, kind, args, kwargs, call):
         if path in self.active:  # a layer calling itself through super().__call__
@@ -258,7 +262,10 @@ class _Recorder:
             self.unsupported.setdefault(path, recorded_base(module).__name__)
             return call()
         if path not in self.layers:
-            self.layers[path] = _layer_info(module, path, kind, x, self.params, args, kwargs)
+            info = _layer_info(module, path, kind, x, self.params, args, kwargs)
+            index = len(self.layers)  # holding x keeps its id unique during the pass
+            info["same_input_as"] = self.readers.setdefault(id(x), (x, index))[1]
+            self.layers[path] = info
         self.active.add(path)
         try:
             out = call()
@@ -335,7 +342,7 @@ def trace_model(model: Any, variables: Any, sample_input: Any, **apply_kwargs) -
     def run(st: Any, x: Any) -> None:
         rec = _Recorder(params, outer_trace(x))
         recorders.append(rec)
-        intercepted_forward(model, graphdef, st, x, apply_kwargs, rec)
+        intercepted_forward(model, graphdef, st, (x,), apply_kwargs, rec)
 
     jax.eval_shape(run, state, sample_input)
     return recorders[0].result()
