@@ -24,6 +24,8 @@ _FLAX_NAMES = {
     "quantize_params": "gpfq_jax.flax.driver",
     "QuantizeResult": "gpfq_jax.flax.results",
     "LayerRecord": "gpfq_jax.flax.results",
+    "DriverReport": "gpfq_jax.flax.results",
+    "BlockStructureError": "gpfq_jax.flax.blocks",
     "Rule": "gpfq_jax.flax.rules",
     "save_quantized": "gpfq_jax.flax.checkpoints",
     "load_quantized": "gpfq_jax.flax.checkpoints",
@@ -42,7 +44,9 @@ def __dir__():
 
 
 __all__ = [
+    "BlockStructureError",
     "ConvGeometry",
+    "DriverReport",
     "LayerRecord",
     "LayerResult",
     "LayerStats",

@@ -120,10 +120,10 @@ def _families_from_patterns(layers: Sequence[LayerInfo], patterns: Sequence[str]
             raise ValueError(f"blocks pattern {pat!r} is not a valid regex: {e}") from e
         found = [p for p in prefixes if rx.fullmatch(path_name(p))]
         if not found:
-            names = sorted({path_name(p) for p in prefixes})[:12]
+            names = ", ".join(sorted({path_name(p) for p in prefixes})[:12])
             raise BlockStructureError(
                 f"blocks pattern {pat!r} matches no module holding quantizable layers; "
-                f"modules: {', '.join(names)}"
+                + (f"modules: {names}" if names else "the layers are not inside submodules")
             )
         fams.append(found)
     return fams

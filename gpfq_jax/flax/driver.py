@@ -134,8 +134,10 @@ def quantize_params(
     _check_options(
         fold_batchnorm=fold_batchnorm, bias_correction=bias_correction, progress=progress,
         act_order=act_order, seed=seed, patch_fraction=patch_fraction, apply_kwargs=apply_kwargs,
+        shared_stats=shared_stats,
     )  # fmt: skip
     _check_stats_dtype(stats_dtype)
+    _check_run_layout(blocks, cache_bytes, resume_dir)
     mesh = resolve_mesh(mesh)
     batches = Calibration(calib, batch_size)
     if apply_kwargs is None:
@@ -200,6 +202,25 @@ def _check_options(*, seed: Any, patch_fraction: Any, apply_kwargs: Any, **flags
     check_fraction("patch_fraction", patch_fraction)
     if apply_kwargs is not None and not isinstance(apply_kwargs, dict):
         raise TypeError(f"apply_kwargs must be a dict or None, got {type(apply_kwargs).__name__}")
+
+
+def _check_run_layout(blocks: Any, cache_bytes: Any, resume_dir: Any) -> None:
+    """``blocks``: "auto", None or a list of pattern strings; ``cache_bytes`` an int >= 0;
+    ``resume_dir`` None or a path that is not a file."""
+    if not (blocks is None or blocks == "auto") and (
+        isinstance(blocks, str) or not isinstance(blocks, list | tuple)
+        or not all(isinstance(p, str) for p in blocks)
+    ):  # fmt: skip
+        raise TypeError(f"blocks must be 'auto', None or a list of regex strings, got {blocks!r}")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int | np.integer):
+        raise TypeError(f"cache_bytes must be an integer number of bytes, got {cache_bytes!r}")
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+    if resume_dir is not None:
+        if not isinstance(resume_dir, str | os.PathLike):
+            raise TypeError(f"resume_dir must be a path or None, got {type(resume_dir).__name__}")
+        if Path(resume_dir).exists() and not Path(resume_dir).is_dir():
+            raise ValueError(f"resume_dir {resume_dir} is a file, not a directory")
 
 
 def _check_stats_dtype(dtype: Any) -> None:

@@ -22,6 +22,7 @@ from _faultkit import (
 
 import gpfq_jax as gq
 from gpfq_jax.core import StatsAccumulator
+from gpfq_jax.flax.blocks import BlockStructureError
 
 W = normal((6, 4), seed=2)
 X = normal((20, 6), seed=3)
@@ -175,6 +176,7 @@ FLAG = r"{} must be True or False, got {}$"
 PF_V = r"patch_fraction must be in \(0, 1\], got "
 BATCH = r"batch_size must be a positive integer, got "
 SDT = r"stats_dtype must be float32 or float64, got "
+BLOCKS = r"blocks must be 'auto', None or a list of regex strings, got "
 
 PARAMS = error_cases(
     ("fold_batchnorm-yes", P(fold_batchnorm="yes"), TypeError,
@@ -232,6 +234,20 @@ PARAMS = error_cases(
      r"model must be a flax\.linen Module or a flax\.nnx Module, got object$"),
     ("model-class-not-instance", lambda: qp(MLP, linen_variables()), TypeError,
      r"model must be a flax\.linen Module or a flax\.nnx Module, got"),
+    ("shared_stats-1", P(shared_stats=1), TypeError, FLAG.format("shared_stats", "1")),
+    ("blocks-int", P(blocks=5), TypeError, BLOCKS + "5$"),
+    ("blocks-unknown-str", P(blocks="layers"), TypeError, BLOCKS + "'layers'$"),
+    ("blocks-list-of-int", P(blocks=[1]), TypeError, BLOCKS + r"\[1\]$"),
+    ("blocks-bad-regex", P(blocks=["("]), ValueError, r"blocks pattern '\(' is not a valid regex"),
+    ("blocks-matching-nothing", P(blocks=["layers_\\d+"]), BlockStructureError,
+     r"blocks pattern 'layers_\\\\d\+' matches no module holding quantizable layers; the "
+     r"layers are not inside submodules$"),
+    ("cache_bytes-negative", P(cache_bytes=-1), ValueError, r"cache_bytes must be >= 0, got -1$"),
+    ("cache_bytes-float", P(cache_bytes=1.5), TypeError,
+     r"cache_bytes must be an integer number of bytes, got 1\.5$"),
+    ("resume_dir-int", P(resume_dir=3), TypeError, r"resume_dir must be a path or None, got int$"),
+    ("resume_dir-a-file", lambda: qp(resume_dir=__file__), ValueError,
+     r"resume_dir .*test_fault_options\.py is a file, not a directory$"),
 )  # fmt: skip
 
 
