@@ -350,3 +350,73 @@ def test_general_layers_sharded_equal_unsharded():
     out = json.loads(line[len("RESULT ") :])
     assert out["devices"] == 4 and out["layers"] == ["q", "bd", "ein"]
     assert all(out["equal"]), out
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class TiedLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):  # (b, t) int -> (b, t, vocab) logits, tied output head
+        embed = nn.Embed(50, 16, name="embed")
+        return embed.attend(nn.Dense(16, name="fc")(embed(tokens)))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.PRNGKey(0), (8, 12), 0, 50)
+
+
+def test_embedding_stays_float_by_default():
+    tokens = _tokens()
+    v = TiedLM().init(jax.random.PRNGKey(1), tokens)
+    res = run(TiedLM(), v, tokens)
+    assert [r.name for r in res.layers] == ["fc"] and res.skipped == ["embed"]
+    same = res.variables["params"]["embed"]["embedding"]
+    np.testing.assert_array_equal(same, v["params"]["embed"]["embedding"])
+
+
+@pytest.mark.parametrize("spec", [gq.QuantSpec(bits=8), gq.QuantSpec(bits=4, grid="asym")])
+def test_embedding_rtn_by_rule_rounds_each_token_row(tmp_path, spec):
+    tokens = _tokens()
+    v = TiedLM().init(jax.random.PRNGKey(1), tokens)
+    res = run(TiedLM(), v, tokens, rules=[gq.Rule("embed", method="rtn", spec=spec)])
+    r = res["embed"]
+    table = np.asarray(v["params"]["embed"]["embedding"], np.float64)  # (vocab, d)
+    q = np.asarray(res.variables["params"]["embed"]["embedding"], np.float64)
+    assert r.scale.shape == (50, 1)  # one step per token row
+    # RTN by hand, per row: the step from the row's range, nearest code.
+    step = np.asarray(r.scale, np.float64)
+    zp = None if r.result.zero_point is None else np.asarray(r.result.zero_point, np.float64)
+    codes = np.asarray(r.codes)
+    expect = np.round(table / step + (0 if zp is None else zp))
+    a = spec.alphabet
+    lo, hi = (0, 2**spec.bits - 1) if zp is not None else (-(a.levels // 2), a.levels // 2)
+    np.testing.assert_array_equal(codes, np.clip(expect, lo, hi))
+    rel = np.linalg.norm(table - q) / np.linalg.norm(table)
+    assert r.rel_error == pytest.approx(rel, rel=1e-4)  # the error of a table is its weights'
+    gq.save_quantized(tmp_path / "ck", res)
+    back = gq.load_quantized(tmp_path / "ck")["params"]["embed"]["embedding"]
+    np.testing.assert_array_equal(back, res.variables["params"]["embed"]["embedding"])
+
+
+def test_embedding_rule_without_rtn_is_an_error_naming_it():
+    tokens = _tokens()
+    v = TiedLM().init(jax.random.PRNGKey(1), tokens)
+    with pytest.raises(ValueError, match=r"rule 'embed' matches only embeddings .*method='rtn'"):
+        run(TiedLM(), v, tokens, rules=[gq.Rule("embed", bits=8)])
+
+
+def test_nnx_embedding_rtn_by_rule():
+    class NnxLM(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(50, 16, rngs=rngs)
+            self.fc = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, tokens):
+            return self.embed.attend(self.fc(self.embed(tokens)))
+
+    model = NnxLM(nnx.Rngs(0))
+    res = run(model, None, _tokens(), rules=[gq.Rule("embed", method="rtn")])
+    assert [r.name for r in res.layers] == ["embed", "fc"]
+    np.testing.assert_array_equal(res.model.embed.embedding[...], res["embed"].result.q)
+    assert np.isfinite(np.asarray(res.model(_tokens()))).all()

@@ -21,9 +21,9 @@ from gpfq_jax.flax.tracing import LayerInfo, require_no_variables
 
 
 def _linen_kernel(variables: Any, layer: LayerInfo) -> Any:
-    kernel = get_in(variables, ("params", *layer.path, "kernel"))
+    kernel = get_in(variables, ("params", *layer.path, layer.param))
     if kernel is None:
-        raise KeyError(f"no 'kernel' at variables['params'][{layer.name!r}]")
+        raise KeyError(f"no {layer.param!r} at variables['params'][{layer.name!r}]")
     return kernel
 
 
@@ -32,7 +32,7 @@ def _state_kernel(state: nnx.State, layer: LayerInfo) -> Any:
     try:
         for key in layer.path:
             node = node[key]
-        return node["kernel"]
+        return node[layer.param]
     except (KeyError, IndexError, TypeError) as e:
         raise KeyError(f"no kernel at path {layer.name!r} in the NNX state") from e
 
@@ -131,7 +131,7 @@ def get_kernel(model_or_variables: Any, layer: LayerInfo) -> jax.Array:
     if isinstance(model_or_variables, nnx.State):
         return _state_kernel(model_or_variables, layer)[...]
     if is_nnx(model_or_variables):
-        return module_at(model_or_variables, layer.path).kernel[...]
+        return getattr(module_at(model_or_variables, layer.path), layer.param)[...]
     return _linen_kernel(model_or_variables, layer)
 
 
@@ -154,9 +154,9 @@ def set_kernel(model_or_variables: Any, layer: LayerInfo, new_kernel: jax.Array)
         return state
     if is_nnx(model_or_variables):
         clone = nnx.clone(model_or_variables)
-        module_at(clone, layer.path).kernel.set_value(new)
+        getattr(module_at(clone, layer.path), layer.param).set_value(new)
         return clone
-    return replace_in(model_or_variables, ("params", *layer.path, "kernel"), new)
+    return replace_in(model_or_variables, ("params", *layer.path, layer.param), new)
 
 
 __all__ = [

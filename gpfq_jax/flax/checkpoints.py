@@ -45,6 +45,7 @@ from gpfq_jax.flax.checkpoint_format import (
     replaceable,
     seal,
 )
+from gpfq_jax.flax.paths import param_name
 from gpfq_jax.flax.results import QuantizeResult
 
 # --------------------------------------------------------------------------- tree helpers
@@ -76,10 +77,10 @@ def _unflatten(pairs: list[tuple[tuple, Any]]) -> dict:
     return out
 
 
-def kernel_path(res_framework: str, layer_path: tuple) -> tuple:
-    return (
-        ("params", *layer_path, "kernel") if res_framework == "linen" else (*layer_path, "kernel")
-    )
+def kernel_path(res_framework: str, layer_path: tuple, kind: str = "dense") -> tuple:
+    """Where a layer's weight is in the result's variables (Linen: under "params")."""
+    name = param_name(kind)
+    return ("params", *layer_path, name) if res_framework == "linen" else (*layer_path, name)
 
 
 def is_prng_key(a: Any) -> bool:
@@ -103,7 +104,7 @@ def save_quantized(
         )
     path = Path(path).absolute()
     _check_destination(path, overwrite)
-    kernels = {kernel_path(res.framework, r.path): r for r in res.layers}
+    kernels = {kernel_path(res.framework, r.path, r.kind): r for r in res.layers}
     floats, leaves = _float_leaves(res.variables, kernels)
     codes, scales, zeros, layers = {}, {}, {}, []
     for i, (p, r) in enumerate(kernels.items()):

@@ -144,7 +144,8 @@ def quantize_params(
         apply_kwargs = default_apply_kwargs(model)
     target = make_target(model, variables, dict(apply_kwargs))
     trace = _checked_trace(target, batches.first)
-    plans = plan_layers([layer.name for layer in trace.layers], rules, spec, method)
+    names, kinds = [lay.name for lay in trace.layers], [lay.kind for lay in trace.layers]
+    plans = plan_layers(names, rules, spec, method, kinds)
     folded = []
     if fold_batchnorm:
         folded = fold_batchnorms(target, trace.bn_follows, trace.layers, plans, batches.first)

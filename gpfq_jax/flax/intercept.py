@@ -39,13 +39,14 @@ _KINDS = (
     ("conv", (nn.Conv,), (nnx.Conv,)),
     ("dense_general", (nn.DenseGeneral,), (nnx.LinearGeneral,)),
     ("einsum", (nn.Einsum,), (nnx.Einsum,)),
+    ("embed", (nn.Embed,), (nnx.Embed,)),
 )  # fmt: skip
 HookFn = Callable[[Any, Path, str, tuple, dict, Callable[[], Any]], Any]
 
 
 def layer_kind(module: Any) -> str | None:
-    """'dense', 'conv', 'dense_general', 'einsum', 'bn', 'unsupported', or None (not a layer
-    this package looks at)."""
+    """'dense', 'conv', 'dense_general', 'einsum', 'embed', 'bn', 'unsupported', or None (not
+    a layer this package looks at)."""
     for kind, linen, nnx_classes in _KINDS:
         if isinstance(module, linen + nnx_classes):
             return kind

@@ -23,7 +23,7 @@ from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.layer import quantize_from_stats
 from gpfq_jax.core.numerics import max_abs
 from gpfq_jax.core.sharding import place_batch, replicate
-from gpfq_jax.core.stats import StatsAccumulator
+from gpfq_jax.core.stats import LayerStats, StatsAccumulator
 from gpfq_jax.flax.calibration import Calibration
 from gpfq_jax.flax.results import LayerRecord
 from gpfq_jax.flax.rules import LayerPlan
@@ -76,6 +76,15 @@ def accumulator(
         features, layer.geometry, stats_dtype, patch_fraction, seed, mesh=mesh, kernel=mat,
         view=view,
     )  # fmt: skip
+
+
+def table_statistics(layer: LayerInfo, stats_dtype: Any) -> Accumulated:
+    """Statistics for an embedding table (no input data): H = G = F = I, so the output error
+    is the weights' relative error ||E - Q||_F / ||E||_F and RTN's step search minimises it."""
+    acc = StatsAccumulator(layer.features, None, stats_dtype, view=layer.view)
+    eye = jnp.eye(layer.features, dtype=stats_dtype)[None]
+    acc.stats = LayerStats(eye, eye, eye, jnp.asarray(layer.features, jnp.int32))
+    return Accumulated(acc)
 
 
 def accumulate(
@@ -188,6 +197,7 @@ __all__ = [
     "Accumulated",
     "accumulator",
     "accumulate",
+    "table_statistics",
     "reference_inputs",
     "quantize_layer",
     "check_bias_correction",

@@ -20,6 +20,11 @@ def path_name(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def param_name(kind: str) -> str:
+    """The name of a layer's weight: "embedding" for nn.Embed / nnx.Embed, else "kernel"."""
+    return "embedding" if kind == "embed" else "kernel"
+
+
 def first_input(args: tuple, kwargs: dict) -> Any:
     """A layer call's input: the first positional argument, else the ``inputs`` keyword."""
     if args:
@@ -63,4 +68,4 @@ def module_at(model: Any, path: Path) -> Any:
     return node
 
 
-__all__ = ["Path", "path_name", "first_input", "get_in", "replace_in", "module_at"]
+__all__ = ["Path", "path_name", "param_name", "first_input", "get_in", "replace_in", "module_at"]

@@ -105,11 +105,18 @@ def as_rule(rule: Rule | Sequence | Mapping) -> Rule:
 
 
 def plan_layers(
-    names: Sequence[str], rules: Sequence[Any] | None, spec: QuantSpec | dict | None, method: str
+    names: Sequence[str],
+    rules: Sequence[Any] | None,
+    spec: QuantSpec | dict | None,
+    method: str,
+    kinds: Sequence[str] | None = None,
 ) -> list[LayerPlan]:
     """One LayerPlan per layer name (first matching rule wins).
 
-    Raises ValueError naming the pattern and listing the layer names if a rule matches no layer.
+    ``kinds`` (one per name): embeddings ("embed") stay float unless their first matching
+    rule sets ``method="rtn"`` (they have no input data for GPFQ or GPTQ); a rule that
+    matches only embeddings and does not is an error. Raises ValueError naming the pattern
+    and listing the layer names if a rule matches no layer.
     """
     base = as_spec(spec)
     if not isinstance(method, str) or method not in METHODS:
@@ -131,14 +138,24 @@ def plan_layers(
                 f"rule pattern {r.pattern!r} matches no layer; layer names: "
                 f"{', '.join(names) or '(none)'}"
             )
-    plans = []
-    for n in names:
+    kinds = list(kinds) if kinds is not None else ["dense"] * len(names)
+    plans, rule_hits = [], {id(r): [] for r in parsed}
+    for n, kind in zip(names, kinds):
         rule = next((r for r in parsed if re.search(r.pattern, n)), None)
+        if rule is not None:
+            rule_hits[id(rule)].append(kind)
         if rule is None:
-            plans.append(LayerPlan(n, False, base, method))
+            plans.append(LayerPlan(n, kind == "embed", base, method))
         else:
             s, m = rule.apply(base, method)
-            plans.append(LayerPlan(n, rule.skip, s, m))
+            plans.append(LayerPlan(n, rule.skip or (kind == "embed" and m != "rtn"), s, m))
+    for r in parsed:
+        hits = rule_hits[id(r)]
+        if hits and all(k == "embed" for k in hits) and not r.skip and r.method != "rtn":
+            raise ValueError(
+                f"rule {r.pattern!r} matches only embeddings (nn.Embed / nnx.Embed), which have "
+                "no input data for GPFQ or GPTQ: give it method='rtn' to quantize them"
+            )
     return plans
 
 

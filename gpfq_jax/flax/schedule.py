@@ -30,6 +30,7 @@ from gpfq_jax.flax.layer_step import (
     check_bias_correction,
     quantize_layer,
     reference_inputs,
+    table_statistics,
 )
 from gpfq_jax.flax.results import DriverReport, LayerRecord
 from gpfq_jax.flax.resume import ResumeStore
@@ -69,7 +70,7 @@ def shared_groups(
     layers reading the same tensor, in the same block (or none), with the same rows."""
     groups: dict[tuple, list[int]] = {}
     for i, (layer, plan) in enumerate(zip(layers, plans)):
-        if not plan.skip:
+        if not plan.skip and layer.kind != "embed":
             b = block_of.get(i)
             key = (layer.same_input_as, b.path if b else None, rows_signature(layer))
             groups.setdefault(key, []).append(i)
@@ -181,7 +182,9 @@ class LayerWalk:
         correct = check_bias_correction(layer, opt.bias_correction)
         group = self.groups.get(i, (i,))
         seed = (opt.seed * 1_000_003 + group[0]) % 2**31
-        if i in self.pending:  # statistics accumulated for an earlier layer of the group
+        if layer.kind == "embed":  # a table: no input data (RTN only, see rules)
+            acc = table_statistics(layer, opt.stats_dtype)
+        elif i in self.pending:  # statistics accumulated for an earlier layer of the group
             acc = dataclasses.replace(self.pending.pop(i), capture_seconds=0.0,
                                       stats_seconds=0.0, capture_first_seconds=0.0)  # fmt: skip
         else:

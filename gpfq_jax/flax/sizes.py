@@ -57,7 +57,7 @@ def _step_bytes(step: Any, zero_point: Any, storage_bits: int) -> int:
 
 def _result_sizes(res: QuantizeResult) -> tuple[int, list[tuple]]:
     """(bytes of the other leaves, per layer (name, weights, storage bits, step bytes))."""
-    kernels = {kernel_path(res.framework, r.path) for r in res.layers}
+    kernels = {kernel_path(res.framework, r.path, r.kind) for r in res.layers}
     other = sum(_nbytes(a) for p, a in flatten_tree(res.variables) if p not in kernels)
     layers = [
         (r.name, int(np.prod(r.shape)), r.storage_bits,

@@ -67,7 +67,7 @@ class LinenTarget(Target):
         self.float_arg = self.quant_arg = fold_linen(self.float_arg, pairs)
 
     def float_kernel(self, layer):
-        return jnp.asarray(get_in(self.float_arg, ("params", *layer.path, "kernel")))
+        return jnp.asarray(get_in(self.float_arg, ("params", *layer.path, layer.param)))
 
     def set_kernel(self, layer, q):
         self.quant_arg = set_kernel(self.quant_arg, layer, q)
@@ -130,10 +130,10 @@ class NNXTarget(Target):
         self._fstate = self._qstate = None
 
     def float_kernel(self, layer):
-        return module_at(self.model, layer.path).kernel[...]
+        return getattr(module_at(self.model, layer.path), layer.param)[...]
 
     def set_kernel(self, layer, q):
-        module_at(self.qmodel, layer.path).kernel.set_value(q)
+        getattr(module_at(self.qmodel, layer.path), layer.param).set_value(q)
         self._qstate = None
 
     def quant_bias(self, layer):

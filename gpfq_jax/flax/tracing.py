@@ -29,7 +29,7 @@ from gpfq_jax.flax.intercept import (
     outer_trace,
     recorded_base,
 )
-from gpfq_jax.flax.paths import Path, first_input, get_in, path_name
+from gpfq_jax.flax.paths import Path, first_input, get_in, param_name, path_name
 
 # --------------------------------------------------------------------------- the model map
 
@@ -39,8 +39,9 @@ class LayerInfo:
     """A quantizable layer found by :func:`trace_model`.
 
     path: Linen, module path inside ``variables['params']``; NNX, attribute path to the module.
-    kind: "dense", "conv", "dense_general" or "einsum". kernel_shape: the stored kernel's
-    shape ((in, out), (kh, kw, cin/g, cout), or any for the general kinds).
+    kind: "dense", "conv", "dense_general", "einsum" or "embed". kernel_shape: the stored
+    kernel's shape ((in, out), (kh, kw, cin/g, cout), any for the general kinds, (vocab, d)
+    for an embedding table: its view makes each token's row a neuron of d features).
     input_shape: the input of its call on the traced batch. geometry: the conv's patches
     (explicit padding resolved for ``input_shape``), None for the other kinds. view: how a
     general layer's input and kernel become (g, N, n) problems, None for Dense / Conv.
@@ -59,6 +60,11 @@ class LayerInfo:
     call_index: int = 0
     view: MatrixView | None = None
     same_input_as: int = 0
+
+    @property
+    def param(self) -> str:
+        """The weight's name in the module: "kernel", or "embedding" for an embedding."""
+        return param_name(self.kind)
 
     @property
     def feature_group_count(self) -> int:
@@ -129,13 +135,14 @@ def _bn_reason(module: Any, x: Any, args: tuple, kwargs: dict) -> str:
     return ""
 
 
-def _kernel_shape(module: Any, path: Path, params: Any) -> tuple[int, ...]:
+def _kernel_shape(module: Any, path: Path, params: Any, kind: str) -> tuple[int, ...]:
     """The layer's stored kernel shape (Linen: from ``params``; NNX: from the module)."""
+    name = param_name(kind)
     if params is None:
-        return tuple(module.kernel[...].shape)
-    kernel = get_in(params, (*path, "kernel"))
+        return tuple(getattr(module, name)[...].shape)
+    kernel = get_in(params, (*path, name))
     if kernel is None:
-        raise KeyError(f"no 'kernel' at variables['params'][{path_name(path)!r}]")
+        raise KeyError(f"no {name!r} at variables['params'][{path_name(path)!r}]")
     return tuple(kernel.shape)
 
 
@@ -201,7 +208,11 @@ def _layer_info(
     """LayerInfo fields of a Dense/Conv call with input ``x``; InputShapeError if it does not
     fit the kernel, NotImplementedError for stacked kernels or masked convs."""
     name, shape = path_name(path), tuple(int(s) for s in jnp.shape(x))
-    kshape = _kernel_shape(module, path, params)
+    kshape = _kernel_shape(module, path, params, kind)
+    if kind == "embed":  # the table (vocab, d): vocab neurons of d features, no input data
+        view = MatrixView((), (1, 0), (), (kshape[1],), (kshape[0],))
+        return dict(path=path, name=name, kind=kind, kernel_shape=kshape, input_shape=shape,
+                    view=view)  # fmt: skip
     has_bias = module.use_bias if params is not None else module.bias is not None
     if kind in ("dense_general", "einsum"):
         view = _view(module, kind, x, args, kwargs or {}, kshape, name)
