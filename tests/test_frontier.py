@@ -499,19 +499,13 @@ def test_streamed_calibration_equals_arrays():
     assert_same_tree(res.variables, arr.variables)
 
 
-# ------------------------------------------------------------- known bugs
+# ------------------------------------------------ fixed: data with equal sums, conv sampling
 
 
 class _Resumed(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resume fingerprint of the calibration data is calibration.fingerprint: two linear "
-    "sums (sum and a weighted sum with weights 1..7 repeating), so other data with equal sums "
-    "(+e at flat index 0, -e at flat index 7) is taken for the same run and resumed",
-)
 def test_resume_with_other_data_of_equal_sums_raises(tmp_path, monkeypatch):
     m, v = linen_model()
     x = np.round(np.asarray(calib()) * 4)  # integer values: the sums below are exact
@@ -546,18 +540,15 @@ class SiblingConvs(nn.Module):
         return nn.Dense(3, name="head")(jnp.concatenate([a, b], -1).mean((1, 2)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with patch_fraction < 1, a conv layer sharing statistics is quantized from the "
-    "patches sampled for the group's first layer (seed of group[0] in schedule._quantize), "
-    "not its own: the codes differ from shared_stats=False (and from the driver before "
-    "shared statistics), against the shared_stats docstring",
-)
 def test_shared_statistics_with_patch_sampling_equal_separate():
+    """Sampled conv patches are per layer (seeded by its index): such layers do not share."""
     m = SiblingConvs()
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 6, 3), jnp.float64)
     v = to_f64(m.init(jax.random.PRNGKey(1), x))
     shared = quantize(m, v, x, patch_fraction=0.5)
-    assert [tuple(g) for g in shared.driver.shared] == [("b1", "b2")]
+    assert shared.driver.shared == []
     alone = quantize(m, v, x, patch_fraction=0.5, shared_stats=False)
     assert_same_codes(shared, alone)
+    every_patch = quantize(m, v, x)
+    assert [tuple(g) for g in every_patch.driver.shared] == [("b1", "b2")]
+    assert_same_codes(every_patch, quantize(m, v, x, shared_stats=False))

@@ -64,13 +64,17 @@ def rows_signature(layer: LayerInfo) -> tuple:
 
 
 def shared_groups(
-    layers: list[LayerInfo], plans: list[LayerPlan], block_of: dict[int, Block]
-) -> dict[int, tuple[int, ...]]:
+    layers: list[LayerInfo], plans: list[LayerPlan], block_of: dict[int, Block],
+    patch_fraction: float = 1.0,
+) -> dict[int, tuple[int, ...]]:  # fmt: skip
     """Layer index -> its group (indices, forward order) for groups of two or more quantized
-    layers reading the same tensor, in the same block (or none), with the same rows."""
+    layers reading the same tensor, in the same block (or none), with the same rows. Conv
+    layers with ``patch_fraction < 1`` never share: each samples its own patches (seeded by
+    its index), and sharing would change which."""
     groups: dict[tuple, list[int]] = {}
     for i, (layer, plan) in enumerate(zip(layers, plans)):
-        if not plan.skip and layer.kind != "embed":
+        sampled = layer.geometry is not None and patch_fraction < 1
+        if not plan.skip and layer.kind != "embed" and not sampled:
             b = block_of.get(i)
             key = (layer.same_input_as, b.path if b else None, rows_signature(layer))
             groups.setdefault(key, []).append(i)
@@ -91,7 +95,9 @@ class LayerWalk:
         self.next_of = {
             a.path: b for a, b in zip(blocks, blocks[1:]) if b.family == a.family
         }  # fmt: skip
-        self.groups = shared_groups(layers, plans, self.block_of) if options.shared_stats else {}
+        self.groups = {}
+        if options.shared_stats:
+            self.groups = shared_groups(layers, plans, self.block_of, options.patch_fraction)
         self.cache = cache
         self.frontier = Frontier(BlockFunctions(target), cache)
         self.records: dict[int, LayerRecord] = {}
