@@ -131,7 +131,7 @@ def _doc_blocks() -> list[str]:
 
 def test_api_examples(tmp_path, capsys, monkeypatch):
     blocks = _doc_blocks()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     for b in blocks[:2]:
         assert len([ln for ln in b.splitlines() if ln.strip()]) < 15
     ns: dict = {}
@@ -151,6 +151,12 @@ def test_api_examples(tmp_path, capsys, monkeypatch):
     exec(blocks[3], ns)
     assert (tmp_path / "gpfq_example" / "mlp_q4").is_dir()
     assert ns["report"]["quantized_bytes"] < ns["report"]["float_bytes"]
+    exec(blocks[4], ns)  # transformer, frontier driver, resumable
+    res = ns["res"]
+    assert res.driver.mode == "frontier" and len(res.driver.blocks) == 4
+    assert ["layers_0/gate", "layers_0/up"] in res.driver.shared
+    assert len(res.layers) == 4 * 7 and res.skipped == ["embed"]
+    assert (tmp_path / "gpfq_example" / "decoder_run" / "resume.json").is_file()
 
 
 # ----------------------------------------------------------------------------- the helpers

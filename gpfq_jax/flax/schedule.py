@@ -11,6 +11,7 @@ starts after the last saved layer.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -90,6 +91,7 @@ class LayerWalk:
         self.target, self.layers, self.plans = target, layers, plans
         self.batches, self.opt, self.store = batches, options, store
         self.blocks = blocks
+        self.family_size = collections.Counter(b.family for b in blocks)
         self.block_of = {i: b for b in blocks for i in b.layers}
         self.last_of = {max(b.layers): b for b in blocks}
         self.next_of = {
@@ -104,9 +106,8 @@ class LayerWalk:
         self.pending: dict[int, Any] = {}  # shared statistics waiting for later members
         self.report = DriverReport(mode="frontier" if blocks else "reference",
                                    blocks=[b.name for b in blocks])  # fmt: skip
-        self.report.shared = sorted(
-            {tuple(layers[j].name for j in g) for g in self.groups.values()}
-        )
+        groups = sorted(set(self.groups.values()))  # forward order of their first layers
+        self.report.shared = [[layers[j].name for j in g] for g in groups]
 
     def _resume(self) -> int:
         """Load the saved layers and frontier; the index of the first layer to do."""
@@ -134,9 +135,8 @@ class LayerWalk:
         try:
             for i in range(start, len(self.layers)):
                 b = self.block_of.get(i)
-                bar.set_postfix_str(
-                    self.layers[i].name + (f" [block {b.position + 1}]" if b else "")
-                )
+                where = f" [block {b.position + 1}/{self.family_size[b.family]}]" if b else ""
+                bar.set_postfix_str(self.layers[i].name + where)
                 self._step(i, b)
                 bar.update(1)
         finally:
