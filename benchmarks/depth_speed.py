@@ -14,8 +14,8 @@ Each block holds 7 quantized layers (q, k, v, o, gate, up, down); the untied hea
 
 Drivers: ``frontier`` is ``quantize_params(..., blocks="auto")``, ``reference`` is
 ``blocks=None`` (layer by layer, each layer's inputs captured by running the model up to it).
-Where ``quantize_params`` has no ``blocks`` argument yet, only the reference driver runs
-(called without it) and the frontier rows are listed as skipped.
+``frontier_unshared`` / ``reference_unshared`` add ``shared_stats=False`` (q, k, v and gate,
+up accumulate separately): the time shared statistics save, and the driver as it was before.
 
 Each (depth, driver) runs in a fresh subprocess (the script re-invokes itself with ``--one
 DEPTH DRIVER`` and reads one JSON line back), so that its peak RSS (``ru_maxrss``, monotone
@@ -43,7 +43,6 @@ Prints a table; writes JSON (default ``benchmarks/results/depth_speed.json``, wi
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import subprocess
 import sys
@@ -59,7 +58,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ (and gpfq_jax/) from the repository root
 
 RESULTS = ROOT / "benchmarks" / "results"
-DRIVERS = {"frontier": "auto", "reference": None}  # the ``blocks=`` argument of each
+# The quantize_params arguments of each driver. The "_unshared" variants accumulate q, k, v
+# (and gate, up) separately: "reference_unshared" is the driver as it was before blocks and
+# shared statistics.
+DRIVERS = {
+    "frontier": {"blocks": "auto"},
+    "reference": {"blocks": None},
+    "frontier_unshared": {"blocks": "auto", "shared_stats": False},
+    "reference_unshared": {"blocks": None, "shared_stats": False},
+}
 MARK = "DEPTH_SPEED_RESULT "
 LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 BACKEND = "/jax/core/compile/backend_compile_duration"
@@ -111,13 +118,6 @@ def git_state() -> dict:
         "head": git("rev-parse", "--short", "HEAD"),
         "dirty": git("status", "--porcelain", "--", "gpfq_jax").splitlines(),
     }
-
-
-def has_blocks_argument() -> bool:
-    """Whether ``gpfq_jax.quantize_params`` takes ``blocks=`` (the frontier driver)."""
-    import gpfq_jax
-
-    return "blocks" in inspect.signature(gpfq_jax.quantize_params).parameters
 
 
 def _traced_count(result: Any) -> int | None:
@@ -182,7 +182,7 @@ def _quantize(args: argparse.Namespace, driver: str, model, variables, tokens, c
     import gpfq_jax as gq
 
     spec = gq.QuantSpec(bits=args.bits, group_size=args.group_size)
-    extra = {"blocks": DRIVERS[driver]} if has_blocks_argument() else {}
+    extra = DRIVERS[driver]
     base = rss_mib()
     counter.reset()
     t0 = time.perf_counter()
@@ -345,21 +345,15 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(args, int(args.one[0]), args.one[1])
         print(MARK + json.dumps(row), flush=True)
         return 0
-    frontier_ok = has_blocks_argument()
-    skipped = []
-    if "frontier" in args.drivers and not frontier_ok:
-        skipped.append({"driver": "frontier", "why": "quantize_params has no blocks argument"})
-        print("[depth_speed] quantize_params has no blocks= yet: reference driver only")
-    drivers = [d for d in args.drivers if d != "frontier" or frontier_ok]
     rows = []
     for depth in args.blocks:
-        for driver in drivers:
+        for driver in args.drivers:
             print(f"[depth_speed] {depth} blocks, {driver} ...", flush=True)
             rows.append(spawn(argv, depth, driver, args.timeout_minutes))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print("\n" + table(rows))
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "one"}
-    write_report(args.out, "depth_speed", rows, flags=flags, skipped=skipped, git=git_state())
+    write_report(args.out, "depth_speed", rows, flags=flags, git=git_state())
     return 0
 
 
