@@ -420,3 +420,46 @@ def test_nnx_embedding_rtn_by_rule():
     assert [r.name for r in res.layers] == ["embed", "fc"]
     np.testing.assert_array_equal(res.model.embed.embedding[...], res["embed"].result.q)
     assert np.isfinite(np.asarray(res.model(_tokens()))).all()
+
+
+# ------------------------------------------------------- group-wise steps of general layers
+
+
+class QAndOut(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (b, t, 64)
+        q = nn.DenseGeneral((4, 8), use_bias=False, name="q")(x)  # N = 64, n = 32
+        return nn.DenseGeneral(64, axis=(-2, -1), use_bias=False, name="o")(q)  # N = 32
+
+
+def test_grouped_general_layers_store_compact_steps(tmp_path):
+    """Group-wise steps of DenseGeneral layers: one (step, zero point) per group and neuron in
+    the view's matrix layout, not one per weight; honest bytes in size_report."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 64))
+    v = QAndOut().init(jax.random.PRNGKey(1), x)
+    spec = gq.QuantSpec(bits=4, grid="asym", group_size=16)
+    res = run(QAndOut(), v, x, spec=spec)
+    q, o = res["q"].result, res["o"].result
+    assert q.step.shape == q.zero_point.shape == (4, 32)  # ceil(64 / 16) groups x 32 neurons
+    assert o.step.shape == (2, 64)  # ceil((4 * 8) / 16) groups x 64 neurons
+    for r in (q, o):
+        assert r.weight_step.shape == r.codes.shape and r.view is not None
+        np.testing.assert_array_equal(
+            r.values(jnp.float32),
+            dequantize(r.codes, r.weight_step, r.offset, zero_point=r.weight_zero_point),
+        )
+    # By hand: o's kernel (4, 8, 64) is the (32, 64) matrix; group j is its rows 16j..16j+15.
+    ko = np.asarray(v["params"]["o"]["kernel"]).reshape(32, 64)
+    rows = ko[:16]
+    span = rows.max(0) - rows.min(0)
+    np.testing.assert_allclose(np.asarray(o.step[0]), span / 15, rtol=1e-5)
+    gq.save_quantized(tmp_path / "ck", res)
+    back = gq.load_quantized(tmp_path / "ck")
+    for name in ("q", "o"):
+        np.testing.assert_array_equal(
+            back["params"][name]["kernel"], res.variables["params"][name]["kernel"]
+        )
+    sizes = {d["layer"]: d for d in gq.size_report(tmp_path / "ck", v)["layers"]}
+    # 2048 weights at 4 bits = 1024 bytes of codes; steps 4 x 32 float32 + zero points.
+    assert sizes["q"]["codes_bytes"] == 1024
+    assert sizes["q"]["scale_bytes"] <= 4 * 32 * (4 + 1)

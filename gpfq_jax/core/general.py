@@ -8,10 +8,10 @@ the kernel's own layout:
 - ``q`` and ``codes`` have the kernel's shape;
 - ``step`` / ``zero_point``: a scalar () per layer; per neuron, kernel-shaped with size 1 on
   the contracted axes (broadcastable against ``codes``); with ``spec.group_size`` (groups run
-  along each problem's N rows) one value per weight, kernel-shaped, and the result's
-  ``group_size`` is None (``spec.group_size`` keeps it). In every case
-  ``q == dequantize(codes, step, offset, zero_point=zero_point)`` by broadcasting, which is
-  what ``kernel_values`` and the checkpoints compute;
+  along each problem's N rows) compact in the matrix layout, (ceil(N / group_size), g * n),
+  and the result carries the ``view`` to expand them (``weight_step``, ``values``). In every
+  case ``q == dequantize(codes, r.weight_step, offset, zero_point=r.weight_zero_point)``,
+  which is what ``kernel_values`` and the checkpoints compute;
 - ``c`` stays per neuron in (g, n) order, flattened.
 """
 
@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gpfq_jax.core.groups import expand_groups
 from gpfq_jax.core.layer import quantize_from_stats
 from gpfq_jax.core.patches import (
     MatrixView,
@@ -41,17 +40,14 @@ def matrix_layout(kernel: jax.Array, view: MatrixView) -> jax.Array:
     return ungrouped_kernel(view_kernel(kernel, view), (view.features, -1))
 
 
-def kernel_layout(a: jax.Array | None, view: MatrixView, group_size: int | None) -> Any:
+def kernel_layout(a: jax.Array | None, view: MatrixView) -> Any:
     """A matrix-layout array back in the kernel's layout: (N, g*n) -> kernel shape; per neuron
-    (g*n,) -> size 1 on the contracted axes; group-wise (ceil(N/gs), g*n) -> kernel shape;
-    () and None as they are."""
+    (g*n,) -> size 1 on the contracted axes; () and None as they are."""
     if a is None or a.ndim == 0:
         return a
     g, n = view.groups, view.neurons
     if a.ndim == 1:
         return unview_kernel(a.reshape(g, 1, n), view)
-    if a.shape[0] != view.features:  # compact groups of rows
-        a = expand_groups(a, view.features, group_size)
     return unview_kernel(grouped_kernel(a, g), view)
 
 
@@ -66,15 +62,11 @@ def quantize_view(
     if kernel.ndim != len(view.kernel_perm):
         raise ValueError(f"kernel shape {kernel.shape} does not fit the view {view}")
     r = quantize_from_stats(matrix_layout(kernel, view), stats, spec, method, **kwargs)
-    gs = r.group_size
-    return dataclasses.replace(
-        r,
-        q=kernel_layout(r.q, view, gs),
-        codes=kernel_layout(r.codes, view, gs),
-        step=kernel_layout(r.step, view, gs),
-        zero_point=kernel_layout(r.zero_point, view, gs),
-        group_size=None,
-    )
+    q, codes = kernel_layout(r.q, view), kernel_layout(r.codes, view)
+    if r.group_size is not None:  # compact steps stay in the matrix layout, with the view
+        return dataclasses.replace(r, q=q, codes=codes, view=view)
+    step, zero_point = kernel_layout(r.step, view), kernel_layout(r.zero_point, view)
+    return dataclasses.replace(r, q=q, codes=codes, step=step, zero_point=zero_point)
 
 
 __all__ = ["matrix_layout", "kernel_layout", "quantize_view"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "gpfq_jax.quantized/2"
+FORMAT = "gpfq_jax.quantized/3"
 META = "gpfq_quantized.json"
 ARRAYS = "arrays"
 GROUPS = ("codes", "scales", "zeros", "float")  # the subtrees of ARRAYS
@@ -26,7 +26,7 @@ GROUPS = ("codes", "scales", "zeros", "float")  # the subtrees of ARRAYS
 _LAYER_KEYS = {
     "path": list, "name": str, "kind": str, "shape": list, "dtype": str, "code_dtype": str,
     "offset": (int, float), "spec": dict, "method": str, "levels": int, "storage_bits": int,
-    "code_shift": int, "group_size": (int, type(None)),
+    "code_shift": int, "group_size": (int, type(None)), "view": (dict, type(None)),
 }  # fmt: skip
 _LEAF_KEYS = {"path": list, "index": int}
 

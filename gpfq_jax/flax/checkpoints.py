@@ -21,6 +21,7 @@ touches an existing one (``overwrite=True`` swaps it out only after the new one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -36,6 +37,7 @@ from flax.core import FrozenDict, unfreeze
 
 from gpfq_jax.atomic import atomic_path, recover_interrupted, write_text_atomic
 from gpfq_jax.core.code_dtypes import storage_layout
+from gpfq_jax.core.patches import MatrixView
 from gpfq_jax.core.result import kernel_values
 from gpfq_jax.flax.checkpoint_format import (
     ARRAYS,
@@ -81,6 +83,11 @@ def kernel_path(res_framework: str, layer_path: tuple, kind: str = "dense") -> t
     """Where a layer's weight is in the result's variables (Linen: under "params")."""
     name = param_name(kind)
     return ("params", *layer_path, name) if res_framework == "linen" else (*layer_path, name)
+
+
+def view_from_dict(d: dict | None) -> MatrixView | None:
+    """The MatrixView of a layer entry's "view" (lists of ints), or None."""
+    return None if d is None else MatrixView(**{k: tuple(v) for k, v in d.items()})
 
 
 def is_prng_key(a: Any) -> bool:
@@ -158,6 +165,7 @@ def _layer_entry(p: tuple, r: Any, code_dtype: Any, shift: int) -> dict:
         "code_shift": shift,
         "offset": float(r.offset),
         "group_size": r.result.group_size,
+        "view": None if r.result.view is None else dataclasses.asdict(r.result.view),
         "spec": r.spec.to_dict(),
         "method": r.method,
         "levels": r.levels,
@@ -238,7 +246,7 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
         kernel = kernel_values(
             codes, tree["scales"][str(i)], lay["offset"], group_size=lay["group_size"],
             zero_point=None if zero_point is None else zero_point.astype(lay["dtype"]),
-            dtype=lay["dtype"],
+            dtype=lay["dtype"], view=view_from_dict(lay["view"]),
         )  # fmt: skip
         pairs.append((tuple(lay["path"]), kernel))
     variables = _unflatten(pairs)

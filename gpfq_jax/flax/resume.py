@@ -18,6 +18,7 @@ files that are not a resume state, is refused (nothing in it is changed or delet
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from gpfq_jax.atomic import atomic_path, write_json_atomic
 from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.result import LayerResult
 from gpfq_jax.flax.activation_cache import ActivationCache
+from gpfq_jax.flax.checkpoints import view_from_dict
 from gpfq_jax.flax.results import LayerRecord
 
 FORMAT = "gpfq_jax.resume/1"
@@ -78,6 +80,7 @@ def _record_to_files(record: LayerRecord, bias: Any) -> tuple[dict, dict]:
         "shape": list(record.shape), "rows": record.rows, "rel_error": float(r.rel_error),
         "spec": r.spec.to_dict(), "method": r.method, "offset": float(r.offset),
         "seconds": float(r.seconds), "group_size": r.group_size,
+        "view": None if r.view is None else dataclasses.asdict(r.view),
         "block": record.block, "shares_stats_with": record.shares_stats_with,
         **{k: getattr(record, k) for k in _TIMES},
     }  # fmt: skip
@@ -96,6 +99,7 @@ def _record_from_file(path: Path, dtype: Any) -> tuple[LayerRecord, np.ndarray |
         c=float(c) if c.ndim == 0 else jnp.asarray(c), offset=meta["offset"],
         seconds=meta["seconds"], group_size=meta["group_size"],
         zero_point=jnp.asarray(arrays["zero_point"]) if "zero_point" in arrays else None,
+        view=view_from_dict(meta["view"]),
     )  # fmt: skip
     result.q = result.values(dtype)
     record = LayerRecord(tuple(meta["path"]), meta["name"], meta["kind"], tuple(meta["shape"]),

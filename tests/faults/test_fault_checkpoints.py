@@ -211,9 +211,9 @@ LOAD = error_cases(
     ("deleted-leaf-entry", _edit_meta(lambda m: m["leaves"].pop(0)), ValueError, CHECKSUM),
     ("changed-format", _edit_meta(_set("format", "gpfq_jax.quantized/1")), ValueError,
      r"{meta}: unknown checkpoint format 'gpfq_jax\.quantized/1' \(this version reads "
-     r"'gpfq_jax\.quantized/2'\)$"),
-    ("future-format", _edit_meta(_set("format", "gpfq_jax.quantized/3")), ValueError,
-     r"{meta}: unknown checkpoint format 'gpfq_jax\.quantized/3'"),
+     r"'gpfq_jax\.quantized/3'\)$"),
+    ("future-format", _edit_meta(_set("format", "gpfq_jax.quantized/4")), ValueError,
+     r"{meta}: unknown checkpoint format 'gpfq_jax\.quantized/4'"),
     ("format-removed", _edit_meta(lambda m: m.pop("format")), ValueError,
      r"{meta}: unknown checkpoint format None"),
     ("meta_sha256-removed", _edit_meta(lambda m: m.pop("meta_sha256")), ValueError, CHECKSUM),
