@@ -6,9 +6,9 @@ No timing assertions: the machine is shared and absolute times are noise.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from _scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "layer_speed.py"
@@ -41,14 +41,7 @@ DATA_KEYS = (
 
 def test_layer_speed_quick(tmp_path: Path) -> None:
     out = tmp_path / "results" / "layer_speed.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(SCRIPT, "--quick", "--out", str(out), timeout=600)
     assert "| case |" in proc.stdout
     res = json.loads(out.read_text())
     assert set(res) == {"meta", "cases", "targets"}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "depth_speed.py"
@@ -66,14 +66,7 @@ def test_compile_counter_counts_new_programs_only():
 @pytest.mark.slow  # > 10 s on 2 CPU cores (a fresh process per row)
 def test_depth_speed_tiny(tmp_path: Path) -> None:
     out = tmp_path / "results" / "depth_speed.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, "--out", str(out), "--timeout-minutes", "8"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(SCRIPT, *TINY, "--out", str(out), "--timeout-minutes", "8", timeout=1200)
     assert "| blocks | driver |" in proc.stdout
     res = json.loads(out.read_text())
     assert res["benchmark"] == "depth_speed"

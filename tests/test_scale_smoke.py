@@ -7,10 +7,10 @@ equality of the sharded run is asserted (it is exact in float64).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "scale.py"
@@ -22,24 +22,8 @@ CACHE = Path(tempfile.gettempdir()) / "gpfq_jax_test_compile_cache"
 
 def test_scale_quick(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--compile-cache",
-            str(CACHE),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ("--quick", "--device", "cpu", "--out", str(out), "--compile-cache", str(CACHE))
+    proc = run_script(SCRIPT, *args, timeout=900)
     for part in ("### devices", "### memory", "### large", "### resnet18", "### dtype"):
         assert part in proc.stdout
     res = json.loads(out.read_text())
