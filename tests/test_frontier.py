@@ -238,6 +238,27 @@ def test_identical_blocks_share_compiled_functions():
     assert two.driver.frontier_seconds > 0 and ref.driver.frontier_seconds == 0
 
 
+def test_one_float_pass_per_block_feeds_every_captured_layer(monkeypatch):
+    """The float inputs of a block's captured layers and its float output come from one float
+    run of the block (per batch); the codes still equal the reference driver's."""
+    from gpfq_jax.flax import frontier
+
+    passes = []
+    original = frontier.Frontier._float_pass
+
+    def spy(self, block, layers):
+        passes.append((block.name, [layer.name for layer in layers]))
+        return original(self, block, layers)
+
+    monkeypatch.setattr(frontier.Frontier, "_float_pass", spy)
+    m, v = linen_model(2)
+    res = quantize(m, v, calib(), shared_stats=False)
+    assert [b for b, _ in passes] == res.driver.blocks == ["layers_0", "layers_1"]
+    for block, names in passes:
+        assert names == [r.name for r in res.layers if r.block == block]
+    assert_same_codes(res, _run("linen", blocks=None, shared_stats=False))
+
+
 # ------------------------------------------------------------- 5. spill
 
 

@@ -1,13 +1,14 @@
 """The frontier driver's activation cache: arrays in host memory up to a budget, on disk above.
 
-Entries are addressed by (stream, batch, leaf): stream "float" (the float model) or "quant"
-(the partially quantized model), the calibration batch, and the array argument of the block
-call (leaf 0 is the hidden state; the others, such as positions or masks, do not change from
-block to block). Where the "quant" stream has no array of its own (before any layer has
-been quantized, and for the arguments computed before the first block if they equal) it
-reads the "float" one. An array that would take the host bytes over ``budget_bytes`` is
-written to ``spill_dir`` as ``.npy`` and read back (memory-mapped) when asked for, so a
-calibration set larger than memory still runs.
+Entries are addressed by (stream, batch, leaf): stream "float" (the float model) or "quant" (the
+partially quantized model), the calibration batch, and the array argument of the block call
+(leaf 0 is the hidden state; the others, such as positions or masks, do not change from block to
+block). Streams "float_in" (leaf: a layer of the current block) and "float_out" hold the current
+block's float layer inputs and output from one float run of the block. Where the "quant" stream
+has no array of its own (before any layer has been quantized, and for the arguments computed
+before the first block if they equal) it reads the "float" one. An array that would take the
+host bytes over ``budget_bytes`` is written to ``spill_dir`` as ``.npy`` and read back (memory-
+mapped) when asked for, so a calibration set larger than memory still runs.
 """
 
 from __future__ import annotations
@@ -88,9 +89,15 @@ class ActivationCache:
     def leaves(self, stream: str, batch: int, count: int) -> list[np.ndarray]:
         return [self.get(stream, batch, j) for j in range(count)]
 
-    def entries(self) -> list[Key]:
-        """Every stored (stream, batch, leaf), sorted."""
-        return sorted([*self._host, *self._disk])
+    def entries(self, streams: tuple[str, ...] | None = None) -> list[Key]:
+        """Every stored (stream, batch, leaf) (of ``streams`` only, if given), sorted."""
+        keys = sorted([*self._host, *self._disk])
+        return keys if streams is None else [k for k in keys if k[0] in streams]
+
+    def drop_streams(self, streams: tuple[str, ...]) -> None:
+        """Remove every entry of ``streams``."""
+        for key in self.entries(streams):
+            self._drop(key)
 
     def close(self) -> None:
         """Remove the spilled files (and the directory, if this cache made it)."""

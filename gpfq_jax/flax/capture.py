@@ -8,7 +8,7 @@ without modifying their input.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -92,6 +92,34 @@ def layer_input(
     return box[0]
 
 
+def output_and_layer_inputs(
+    model: Any,
+    graphdef: Any,
+    variables_or_state: Any,
+    args: tuple,
+    kwargs: dict,
+    wanted: Sequence[tuple[Path, str]],
+) -> tuple[Any, list[jax.Array]]:
+    """``(model(*args, **kwargs), [the input of each (path, kind) of wanted])`` from one
+    forward pass (each layer's first call; model arguments as ``intercepted_forward``).
+    Meant to be traced. Raises if a wanted layer is not called or is inside a lifted
+    transform."""
+    count_trace()
+    outer, box, kinds = outer_trace((args, kwargs)), {}, dict(wanted)
+
+    def hook(module, at, at_kind, call_args, call_kwargs, call):
+        if at not in box and kinds.get(at) == at_kind:
+            box[at] = first_input(call_args, call_kwargs)
+        return call()
+
+    out = intercepted_forward(model, graphdef, variables_or_state, args, kwargs, hook)
+    for path, _ in wanted:
+        if path not in box:
+            raise ValueError(f"layer {path_name(path)!r} was not called in the forward pass")
+        check_not_lifted(box[path], outer, path)
+    return out, [box[path] for path, _ in wanted]
+
+
 def make_input_capturer(
     model: Any, variables_or_none: Any, layer: LayerInfo, **apply_kwargs
 ) -> Callable[[Any, Any], jax.Array]:
@@ -161,6 +189,7 @@ def set_kernel(model_or_variables: Any, layer: LayerInfo, new_kernel: jax.Array)
 
 __all__ = [
     "make_input_capturer",
+    "output_and_layer_inputs",
     "layer_input",
     "get_kernel",
     "set_kernel",

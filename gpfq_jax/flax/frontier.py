@@ -14,7 +14,7 @@ The first block's arguments come from one run of the whole model up to it (``Fro
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from flax import nnx
 
 from gpfq_jax.flax.activation_cache import ActivationCache
 from gpfq_jax.flax.blocks import Block
-from gpfq_jax.flax.capture import count_trace, layer_input
+from gpfq_jax.flax.capture import count_trace, layer_input, output_and_layer_inputs
 from gpfq_jax.flax.intercept import intercepted_forward, is_nnx
 from gpfq_jax.flax.targets import Target
 from gpfq_jax.flax.tracing import LayerInfo
@@ -90,6 +90,21 @@ class BlockFunctions:
 
         return self._cached(_key("capture", module, graphdef, template, rel, layer.kind), build)
 
+    def float_pass(self, block: Block, layers: Sequence[LayerInfo]) -> Callable:
+        """``f(block_vars, leaves) -> (the block's output, [the input of each layer])``."""
+        module, graphdef = self._module(block)
+        template = block.template
+        wanted = tuple((layer.path[len(block.path) :], layer.kind) for layer in layers)
+
+        def build():
+            def f(variables, leaves):
+                args, kwargs = template.rebuild(leaves)
+                return output_and_layer_inputs(module, graphdef, variables, args, kwargs, wanted)
+
+            return f
+
+        return self._cached(_key("float_pass", module, graphdef, template, wanted), build)
+
     def arguments(self, block: Block) -> Callable:
         """``f(model_vars, batch) -> [array arguments of the block's call]`` (whole model)."""
         target, template = self.target, block.template
@@ -123,7 +138,8 @@ class Frontier:
         self.batches = 0
         self.count = 0  # array arguments per block call
         self.block: Block | None = None  # the block whose arguments are cached
-        self.seconds = 0.0  # forward time spent entering and advancing
+        self.seconds = 0.0  # forward time spent entering, advancing and in float passes
+        self._float_layers: list | None = None  # layers whose float inputs are cached
 
     def enter(self, block: Block, batches: Any, changed: bool) -> None:
         """Cache ``block``'s arguments for every batch from whole-model runs."""
@@ -139,16 +155,50 @@ class Frontier:
                     self.cache.put("quant", i, j, aq)
             n = i + 1
         self.batches, self.count, self.block = n, len(block.template.arrays), block
+        self.cache.drop_streams(("float_in", "float_out"))
+        self._float_layers = None
         self.seconds += time.perf_counter() - t0
 
-    def inputs(self, block: Block, layer: LayerInfo, changed: bool) -> Iterator[Pair]:
-        """(float input, quantized-model input) of ``layer`` for every batch (the second is
-        the first itself while nothing has been quantized)."""
-        f = self.fns.capture(block, layer)
+    def _float_pass(self, block: Block, layers: Sequence[LayerInfo]) -> None:
+        """One float run of ``block`` per batch, caching its output ("float_out") and the
+        inputs of ``layers`` ("float_in", leaf = position in ``layers``)."""
+        t0 = time.perf_counter()
+        f = self.fns.float_pass(block, layers)
         vf = self.fns.target.block_vars(block.path, quant=False)
-        vq = self.fns.target.block_vars(block.path, quant=True) if changed else vf
         for i in range(self.batches):
-            x = f(vf, self.cache.leaves("float", i, self.count))
+            out, xs = f(vf, self.cache.leaves("float", i, self.count))
+            self.cache.put("float_out", i, 0, out)
+            for j, x in enumerate(xs):
+                self.cache.put("float_in", i, j, x)
+        self._float_layers = [layer.path for layer in layers]
+        self.seconds += time.perf_counter() - t0
+
+    def inputs(
+        self,
+        block: Block,
+        layer: LayerInfo,
+        changed: bool,
+        captured: Sequence[LayerInfo] = (),
+    ) -> Iterator[Pair]:
+        """(float input, quantized-model input) of ``layer`` for every batch (the second is
+        the first itself while nothing has been quantized).
+
+        ``captured``: every layer of ``block`` whose inputs will be asked for. With more than
+        one, the float inputs of all of them (and the block's float output, used by
+        ``advance``) come from one float run of the block, made at the first request; only the
+        quantized stream is run per layer."""
+        f = self.fns.capture(block, layer)
+        vq = self.fns.target.block_vars(block.path, quant=True) if changed else None
+        paths = [c.path for c in captured]
+        if len(paths) > 1 and layer.path in paths and self._float_layers != paths:
+            self._float_pass(block, captured)
+        cached = self._float_layers is not None and layer.path in self._float_layers
+        vf = None if cached else self.fns.target.block_vars(block.path, quant=False)
+        for i in range(self.batches):
+            if cached:
+                x = self.cache.get("float_in", i, self._float_layers.index(layer.path))
+            else:
+                x = f(vf, self.cache.leaves("float", i, self.count))
             yield x, (f(vq, self.cache.leaves("quant", i, self.count)) if changed else x)
 
     def advance(self, block: Block, changed: bool, next_block: Block | None) -> None:
@@ -158,12 +208,18 @@ class Frontier:
         f = self.fns.apply(block)
         vf = self.fns.target.block_vars(block.path, quant=False)
         vq = self.fns.target.block_vars(block.path, quant=True) if changed else vf
+        ran = self._float_layers is not None  # the float output is cached
         for i in range(self.batches):
-            out_f = f(vf, self.cache.leaves("float", i, self.count))
+            if ran:
+                out_f = self.cache.get("float_out", i, 0)
+            else:
+                out_f = f(vf, self.cache.leaves("float", i, self.count))
             out_q = f(vq, self.cache.leaves("quant", i, self.count)) if changed else out_f
             self.cache.put("float", i, 0, out_f)
             if changed:
                 self.cache.put("quant", i, 0, out_q)
+        self.cache.drop_streams(("float_in", "float_out"))
+        self._float_layers = None
         self.block = next_block
         self.seconds += time.perf_counter() - t0
 

@@ -38,6 +38,8 @@ from gpfq_jax.flax.results import LayerRecord
 
 FORMAT = "gpfq_jax.resume/1"
 MANIFEST = "resume.json"
+# The cache streams a saved frontier holds (a block's float layer inputs are recomputed).
+FRONTIER_STREAMS = ("float", "quant")
 _TIMES = ("capture_seconds", "stats_seconds", "quant_seconds", "capture_first_seconds")
 
 
@@ -183,10 +185,11 @@ class ResumeStore:
         name = f"frontier_{self._generation}"
         with atomic_path(self.dir / name, directory=True) as tmp:
             tmp.mkdir()
-            for stream, i, j in cache.entries():
+            entries = cache.entries(FRONTIER_STREAMS)
+            for stream, i, j in entries:
                 np.save(tmp / f"{stream}_{i}_{j}.npy", np.asarray(cache.get(stream, i, j)))
         self.frontier = {"dir": name, "block": block, "batches": batches, "count": count,
-                         "entries": cache.entries()}  # fmt: skip
+                         "entries": entries}  # fmt: skip
 
     def clear_frontier(self) -> None:
         self.frontier = None

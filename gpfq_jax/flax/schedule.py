@@ -183,6 +183,17 @@ class LayerWalk:
                                          f.count)  # fmt: skip
         self.store.commit(i + 1)
 
+    def _captured(self, b: Block) -> list[LayerInfo]:
+        """The layers of block ``b`` whose inputs are captured (quantized, not a table, and
+        not a follower of a shared-statistics group)."""
+        return [
+            self.layers[j]
+            for j in b.layers
+            if not self.plans[j].skip
+            and self.layers[j].kind != "embed"
+            and self.groups.get(j, (j,))[0] == j
+        ]
+
     def _quantize(self, i: int, b: Block | None, changed: bool) -> tuple[LayerRecord, Any]:
         layer, plan, opt = self.layers[i], self.plans[i], self.opt
         correct = check_bias_correction(layer, opt.bias_correction)
@@ -200,7 +211,7 @@ class LayerWalk:
                 seed=seed, mesh=opt.mesh,
             )  # fmt: skip
             if b is not None:
-                inputs = self.frontier.inputs(b, layer, changed)
+                inputs = self.frontier.inputs(b, layer, changed, self._captured(b))
             else:
                 inputs = reference_inputs(self.target, layer, self.batches, changed, opt.mesh)
             means = any(check_bias_correction(self.layers[j], opt.bias_correction) for j in group)
