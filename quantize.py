@@ -3,6 +3,7 @@
     python quantize.py --config=configs/mnist_mlp.py --workdir=workdirs/results/mnist_mlp \
         [--config.quant.bits="(3, 4)" --config.quant.methods="('gpfq',)" ...]
     python quantize.py --config=configs/width_sweep.py --workdir=workdirs/results/width_sweep
+    python quantize.py --config=configs/smollm2.py --workdir=workdirs/smollm2
 
 Float checkpoint: ``config.float_checkpoint`` (a train.py workdir or its ``float/``; relative
 paths are tried against the current directory, then the repository) if present, else
@@ -19,7 +20,9 @@ Rerun with the same workdir and setup, quantize.py keeps the finished runs of re
 
 The work is done by ``experiments.quantization.quantize_experiment(config, workdir)``
 (``config.experiment = "quantize"``, the default) or
-``experiments.width_sweep.width_sweep_experiment(config, workdir)`` ("width_sweep").
+``experiments.width_sweep.width_sweep_experiment(config, workdir)`` ("width_sweep") or
+``experiments.lm_quantization.lm_experiment(config, workdir)`` ("lm": configs/smollm2.py,
+perplexity instead of accuracy).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import cli, quantization, reports, width_sweep
+from experiments import cli, lm_quantization, lm_reports, quantization, reports, width_sweep
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,6 +52,11 @@ def main(argv: list[str]) -> None:
     if experiment == "width_sweep":
         result = width_sweep.width_sweep_experiment(config, workdir)
         print(reports.width_sweep_markdown(result))
+    elif experiment == "lm":
+        results = lm_quantization.lm_experiment(config, workdir)
+        print(lm_reports.perplexity_table(results))
+        if any("error" in r for r in results["runs"]):
+            sys.exit(1)
     elif experiment == "quantize":
         config_file = config_flags.get_config_filename(FLAGS["config"])
         results = quantization.quantize_experiment(config, workdir, config_file)
@@ -57,7 +65,7 @@ def main(argv: list[str]) -> None:
             sys.exit(1)
     else:
         raise app.UsageError(
-            f"unknown config.experiment {experiment!r}; expected 'quantize' or 'width_sweep'"
+            f"unknown config.experiment {experiment!r}; expected 'quantize', 'lm' or 'width_sweep'"
         )
 
 

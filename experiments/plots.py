@@ -147,4 +147,68 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
     save_figure(fig, path)
 
 
-__all__ = ["plot_accuracy_vs_bits", "plot_layer_errors", "plot_width_sweep", "save_figure"]
+_LM_COLORS = {"rtn": "C1", "gptq": "C2", "gptq-act": "C3", "gpfq": "C0", "gpfq-act": "C4",
+              "qronos": "C5"}  # fmt: skip
+
+
+def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
+    """Perplexity (log scale) vs bits per weight (steps included), one line per (method,
+    grid); float as a horizontal line."""
+    plt = _pyplot()
+    runs = successful(results["runs"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
+        pts = sorted(
+            (r["bits_per_weight"], r["perplexity"])
+            for r in runs
+            if (r["method"], r["grid"]) == (m, g)
+        )
+        ax.plot(*zip(*pts), marker="o" if g == "int" else "s", color=_LM_COLORS.get(m),
+                linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")  # fmt: skip
+    ax.axhline(results["float"]["perplexity"], color="k", linestyle="--", label="float")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + steps + zero points)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(f"{results['model']}: perplexity on {results['evaluation']['novel']}",
+                 fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+def plot_lm_layer_errors(results: dict, path: str | os.PathLike) -> None:
+    """Per-layer relative error in forward order, one panel per (bits, groups, grid) point,
+    one line per method (log scale)."""
+    plt = _pyplot()
+    runs = successful(results["runs"])
+    points = list(dict.fromkeys((r["bits"], r.get("group_size"), r["grid"]) for r in runs))
+    ncols = min(len(points), 2)
+    nrows = math.ceil(len(points) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3 * nrows), squeeze=False)
+    for ax, (bits, gs, grid) in zip(axes.flat, points):
+        for r in runs:
+            if (r["bits"], r.get("group_size"), r["grid"]) != (bits, gs, grid):
+                continue
+            errs = [lay["rel_error"] for lay in r["layers"]]
+            ax.plot(errs, color=_LM_COLORS.get(r["method"]), linewidth=0.8,
+                    label=r["method"].upper())  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{bits}-bit {f'g{gs}' if gs else 'per channel'} {grid}", fontsize=9)
+        ax.set_xlabel("layer (forward order)")
+        ax.set_ylabel("relative error")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(points) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+__all__ = [
+    "plot_accuracy_vs_bits",
+    "plot_layer_errors",
+    "plot_lm_layer_errors",
+    "plot_perplexity_vs_bits",
+    "plot_width_sweep",
+    "save_figure",
+]

@@ -100,17 +100,20 @@ RESUME_KEYS = ("dataset", "dataset_source", "model", "float_checkpoint", "float"
                "c_selection", "config")  # fmt: skip
 
 
-def finished_runs(workdir: Path, results: dict[str, Any]) -> dict[str, dict]:
+def finished_runs(
+    workdir: Path, results: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS
+) -> dict[str, dict]:
     """The successful runs of an earlier (maybe interrupted) ``results.json`` in ``workdir``
-    whose recorded setup equals this one's, by run name, marked ``"resumed": True``; their
-    saved checkpoints must still be there. Empty if there is none or anything differs."""
+    whose recorded setup (the ``keys`` of ``results``) equals this one's, by run name, marked
+    ``"resumed": True``; their saved checkpoints must still be there. Empty if there is none
+    or anything differs."""
     path = workdir / "results.json"
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     now = json.loads(to_json(results))
-    if not isinstance(earlier, dict) or any(earlier.get(k) != now.get(k) for k in RESUME_KEYS):
+    if not isinstance(earlier, dict) or any(earlier.get(k) != now.get(k) for k in keys):
         logging.info("%s is from another setup: every run starts afresh", path)
         return {}
     kept = {}

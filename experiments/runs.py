@@ -44,15 +44,33 @@ def calibration_images(x_train: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One whole-model quantization: ``method`` on the ``grid`` alphabet at ``bits``."""
+    """One whole-model quantization: ``method`` on the ``grid`` alphabet at ``bits``, with one
+    step per ``group_size`` inputs (None: per channel or layer, as the grid says) and, for
+    GPTQ, act-order (columns in descending order of the Hessian's diagonal)."""
 
     method: str
     grid: str
     bits: Bits
+    group_size: int | None = None
+    act_order: bool = False
+
+    @property
+    def label(self) -> str:
+        """The method as configs and tables name it: "gptq" or "gptq-act"."""
+        return f"{self.method}-act" if self.act_order else self.method
 
     @property
     def name(self) -> str:
-        return f"{self.method}_{self.grid}_{self.bits}"
+        groups = f"_g{self.group_size}" if self.group_size else ""
+        return f"{self.label}_{self.grid}_{self.bits}{groups}"
+
+
+def parse_method(label: str) -> tuple[str, bool]:
+    """ "gpfq" -> ("gpfq", False); "gptq-act" -> ("gptq", True) (act-order)."""
+    method, act, rest = label.partition("-")
+    if act and rest != "act":
+        raise ValueError(f"unknown method {label!r}; use a method name, optionally + '-act'")
+    return method, bool(act)
 
 
 def run_grid(
@@ -62,13 +80,14 @@ def run_grid(
     extra: Iterable[Sequence[Any]] = (),
 ) -> list[Run]:
     """methods x (grids x bits, then the ``extra`` (grid, bits) pairs), without duplicates."""
-    pairs = [(g, _bits(b)) for g in grids for b in bits]
-    pairs += [(g, _bits(b)) for g, b in extra]
+    pairs = [(g, parse_bits(b)) for g in grids for b in bits]
+    pairs += [(g, parse_bits(b)) for g, b in extra]
     runs = [Run(m, g, b) for m in methods for g, b in pairs]
     return list(dict.fromkeys(runs))
 
 
-def _bits(b: Any) -> Bits:
+def parse_bits(b: Any) -> Bits:
+    """ "ternary" or an int bit width."""
     return "ternary" if b == "ternary" else int(b)
 
 
@@ -95,7 +114,8 @@ def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
         (
             e
             for e in earlier
-            if (e.method, e.grid) == (run.method, run.grid)
+            if (e.method, e.grid, e.group_size, e.act_order)
+            == (run.method, run.grid, run.group_size, run.act_order)
             and make_alphabet(e.bits, e.grid) == alphabet
         ),
         None,
@@ -111,7 +131,14 @@ def make_spec(
     run: Run, scale: str | None, c: float = 1.0, per_channel: bool | None = None
 ) -> QuantSpec:
     """The run's QuantSpec; ``per_channel=None`` keeps the grid's default."""
-    return QuantSpec(bits=run.bits, grid=run.grid, scale=scale, c=c, per_channel=per_channel)
+    return QuantSpec(
+        bits=run.bits,
+        grid=run.grid,
+        scale=scale,
+        c=c,
+        per_channel=per_channel,
+        group_size=run.group_size,
+    )
 
 
 # --------------------------------------------------------------------------- one run
@@ -226,6 +253,8 @@ __all__ = [
     "calibration_indices",
     "execute_run",
     "make_spec",
+    "parse_bits",
+    "parse_method",
     "quantizer",
     "reused_record",
     "run_grid",

