@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from gpfq_jax.core.alphabets import Alphabet, dequantize, round_to_codes
-from gpfq_jax.core.gpfq import default_block_size
 from gpfq_jax.core.numerics import HIGHEST
 
 
@@ -60,6 +59,17 @@ def gptq_factor(
     return GptqFactor(w, upper, perm)
 
 
+def default_gptq_block_size(n: int) -> int:
+    """64 columns per block (all of them when n <= 64).
+
+    Each column's update touches its whole block (block x N_out), so the scan's work grows
+    with the block size, while every block is unrolled at trace time. Measured on 2 CPU cores
+    for a (1536, 576) layer: 0.083 s per call at 256 columns, 0.033 s at 64, 0.021 s at 32,
+    compiling in 1.1, 3.1 and 5.5 s; 64 balances the two for layers tried at several steps.
+    """
+    return max(1, min(n, 64))
+
+
 @functools.partial(jax.jit, static_argnames=("alphabet", "block_size"))
 def gptq_codes_from_factor(
     factor: GptqFactor,
@@ -78,7 +88,7 @@ def gptq_codes_from_factor(
     """
     w, upper, perm = factor
     n = w.shape[0]
-    bs = default_block_size(n) if block_size is None else max(1, min(int(block_size), n))
+    bs = default_gptq_block_size(n) if block_size is None else max(1, min(int(block_size), n))
     asym = zero_point is not None
     deltas = jnp.broadcast_to(delta, w.shape)[perm]
     zeros = jnp.broadcast_to(zero_point, w.shape)[perm] if asym else jnp.zeros_like(w)
@@ -129,6 +139,7 @@ def gptq_codes(
 
 
 __all__ = [
+    "default_gptq_block_size",
     "gptq_codes",
     "gptq_factor",
     "gptq_codes_from_factor",

@@ -279,7 +279,8 @@ def quantize_from_stats(
       spec: the alphabet and step rule. method: "gpfq", "rtn" or "gptq".
       key: PRNG key, required for ``spec.rounding == "stochastic"``.
       block_size: column block of the Gram-form / GPTQ lazy updates (None:
-        ``gpfq_jax.core.gpfq.default_block_size``).
+        ``gpfq_jax.core.gpfq.default_block_size`` for GPFQ,
+        ``gpfq_jax.core.gptq.default_gptq_block_size`` for GPTQ).
       damp, act_order: GPTQ's damping fraction and act-order.
       mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
         "auto" (all local devices) or None. The codes do not depend on the device count.
