@@ -63,19 +63,31 @@ def _method_codes(
     block_size: int | None,
     gptq: GptqFactor | None,
     zero_g: jax.Array | None = None,
+    act_order: bool = False,
 ) -> jax.Array:
     """Codes (g, N, n) of ``method`` for grouped weights (g, N, n) and steps (g, n) per neuron
-    or (g, N, n) per feature row (group-wise); zero points ("asym") shaped like the steps."""
+    or (g, N, n) per feature row (group-wise); zero points ("asym") shaped like the steps.
+    ``act_order`` (GPFQ; GPTQ's is in its factor): walk the features in descending order of
+    diag(H), each row keeping its own step and zero point; codes come back in kernel order."""
     alphabet = spec.alphabet
     if method == "rtn":
         return rtn_codes(w_g, _rows(delta_g), alphabet, uniform, zero_point=_rows(zero_g))
     if method == "gpfq":
 
-        def solve(w, h, cross, d, u, z):
+        def solve_in_order(w, h, cross, d, u, z):
             return gpfq_gram_form(
                 w, h, cross, d, alphabet, block_size=block_size, sparsity=spec.sparsity,
                 lam=spec.lam, uniform=u, zero_point=z,
             )  # fmt: skip
+
+        def solve(w, h, cross, d, u, z):
+            if not act_order:
+                return solve_in_order(w, h, cross, d, u, z)
+            perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+            rows = lambda a: a if a is None or a.ndim < 2 else a[perm]  # noqa: E731
+            codes = solve_in_order(w[perm], h[perm][:, perm], cross[perm][:, perm], rows(d),
+                                   rows(u), rows(z))  # fmt: skip
+            return codes[jnp.argsort(perm)]
 
         args = (w_g, stats.hess, stats.cross, delta_g, uniform, zero_g)
         axes = tuple(None if a is None else 0 for a in args)
@@ -176,6 +188,7 @@ def _search(
     block_size: int | None,
     gptq: GptqFactor | None,
     mesh,
+    act_order: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Try every step multiplier; keep, per channel (or per layer), the smallest output error.
 
@@ -191,7 +204,8 @@ def _search(
         if mesh is not None:  # padded columns get step 1 (their codes are sliced off)
             delta_g = shard_along(delta_g - 1.0, mesh, -1) + 1.0
             zero_g = None if zero_g is None else shard_along(zero_g, mesh, -1)
-        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq, zero_g)
+        codes = _method_codes(method, w_g, stats, delta_g, spec, uniform, block_size, gptq, zero_g,
+                              act_order)  # fmt: skip
         q_g = dequantize(codes, _rows(delta_g), spec.alphabet.offset, zero_point=_rows(zero_g))
         err = error_given_terms(stats, terms, w_g, q_g)[..., :n_cols]  # (g, n)
         cand = (codes[..., :n_cols], err, jnp.full(err.shape, c, err.dtype))
@@ -281,7 +295,10 @@ def quantize_from_stats(
       block_size: column block of the Gram-form / GPTQ lazy updates (None:
         ``gpfq_jax.core.gpfq.default_block_size`` for GPFQ,
         ``gpfq_jax.core.gptq.default_gptq_block_size`` for GPTQ).
-      damp, act_order: GPTQ's damping fraction and act-order.
+      damp: GPTQ's damping fraction.
+      act_order: GPTQ and GPFQ walk the input features in descending order of diag(H) (the
+        quantized model's input energy); group steps stay those of the kernel's contiguous
+        groups and the codes are returned in kernel order (RTN ignores the order).
       mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
         "auto" (all local devices) or None. The codes do not depend on the device count.
     """
@@ -315,7 +332,8 @@ def quantize_from_stats(
         gptq = jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
             w_g, stats.hess
         )
-    codes, err, c_g = _search(mat, w_g, stats, terms, spec, method, uniform, block_size, gptq, mesh)
+    codes, err, c_g = _search(mat, w_g, stats, terms, spec, method, uniform, block_size, gptq, mesh,
+                              act_order)  # fmt: skip
     ref = terms.ref[..., : mat.shape[-1] // stats.groups]
     return _assemble(kernel, mat, kernel_scale, codes, err, ref, c_g, spec, method, start)
 
