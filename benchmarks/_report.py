@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,23 @@ def loadavg() -> list[float]:
 def rss_mib() -> float:
     """Peak resident set size of this process so far (Linux: ru_maxrss in KiB), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def git_state() -> dict:
+    """HEAD commit and uncommitted library files (the code measured); empty outside git."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            proc = subprocess.run(["git", *a], capture_output=True, text=True, timeout=10, cwd=root)
+            return proc.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "dirty": git("status", "--porcelain", "--", "gpfq_jax").splitlines(),
+    }
 
 
 def fmt(v: Any, spec: str = "{:.3f}") -> str:

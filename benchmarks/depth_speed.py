@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import fmt, loadavg, rss_mib, write_report
+from _report import fmt, git_state, loadavg, rss_mib, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ (and gpfq_jax/) from the repository root
@@ -102,22 +102,6 @@ class CompileCounter:
         elif event == BACKEND:
             self.backend += 1
             self.backend_s += duration
-
-
-def git_state() -> dict:
-    """HEAD commit and uncommitted library files (the code measured); empty outside git."""
-
-    def git(*a: str) -> str:
-        try:
-            proc = subprocess.run(["git", *a], capture_output=True, text=True, timeout=10, cwd=ROOT)
-            return proc.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "head": git("rev-parse", "--short", "HEAD"),
-        "dirty": git("status", "--porcelain", "--", "gpfq_jax").splitlines(),
-    }
 
 
 def _traced_count(result: Any) -> int | None:

@@ -83,7 +83,6 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -91,7 +90,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import fmt, loadavg, rss_mib, write_report
+from _report import fmt, git_state, loadavg, rss_mib, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ (and gpfq_jax/) from the repository root
@@ -595,22 +594,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_head() -> dict:
-    """HEAD and the uncommitted library files (the code measured); empty outside git."""
-
-    def git(*a: str) -> str:
-        try:
-            proc = subprocess.run(["git", *a], capture_output=True, text=True, timeout=10, cwd=ROOT)
-            return proc.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "head": git("rev-parse", "--short", "HEAD"),
-        "dirty": git("status", "--porcelain", "--", "gpfq_jax").splitlines(),
-    }
-
-
 def ratios(rows: list[dict]) -> list[dict]:
     """Per (point, grid): our gptq / gpfq seconds over Qwix GPTQ's (both variants)."""
     ok = {
@@ -757,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join(["python", "benchmarks/qwix_peer.py", *argv]),
         flags=flags,
         versions=versions(),
-        git=git_head(),
+        git=git_state(),
         model={
             "source": setup["source"],
             "config": dataclasses.asdict(cfg) | {"dtype": jnp.dtype(cfg.dtype).name},

@@ -14,14 +14,11 @@ its error and the others go on; a rerun with the same setup keeps the finished r
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
@@ -30,7 +27,7 @@ import gpfq_jax as gq
 from experiments import data, gguf_llama, lm_reports, lm_text, paths, plots, runs
 from experiments.llama import Llama, param_count
 from experiments.perplexity import perplexity
-from experiments.quantization import finished_runs, save_run
+from experiments.quantization import add_record, finished_runs, machine, save_run
 from experiments.tokenizer import tokenizer_from_gguf
 from gpfq_jax.atomic import write_json_atomic, write_text_atomic
 
@@ -191,12 +188,7 @@ def results_header(config: ConfigDict, workdir: Path, setup: LMSetup) -> dict[st
         "runs": [],
         "complete": False,
         "command": paths.command_line(workdir),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },  # fmt: skip
+        "machine": machine(),
         "config": paths.relative_config(config.to_dict(), workdir),
         "setup": paths.relative_config(setup_config(config), workdir),
     }
@@ -241,12 +233,8 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     finished = finished_runs(workdir, results, RESUME_KEYS)
     for run in lm_runs(config.quant):
         record = finished.get(run.name) or quantize_lm_run(run, setup, config.quant, workdir)
-        results["runs"].append(record)
-        results["seconds_total"] = time.time() - t_start
-        write_outputs(workdir, results)
-    results["complete"] = True
-    results["seconds_total"] = time.time() - t_start
-    write_outputs(workdir, results)
+        add_record(results, record, t_start, lambda r: write_outputs(workdir, r))
+    add_record(results, None, t_start, lambda r: write_outputs(workdir, r))
     return results
 
 

@@ -86,13 +86,22 @@ def quantize_experiment(
         record = finished.get(run.name) or quantize_run(run, setup, q, workdir)
         if "error" not in record:
             done[run] = record
-        results["runs"].append(record)
-        results["seconds_total"] = time.time() - t_start
-        write_outputs(workdir, results)
-    results["complete"] = True
-    results["seconds_total"] = time.time() - t_start
-    write_outputs(workdir, results)
+        add_record(results, record, t_start, lambda r: write_outputs(workdir, r))
+    add_record(results, None, t_start, lambda r: write_outputs(workdir, r))
     return results
+
+
+def add_record(
+    results: dict, record: dict | None, t_start: float, write: Callable[[dict], None]
+) -> None:
+    """Append one run's ``record`` (None: mark the results complete), update the total time
+    and ``write`` the results (atomically, so an interruption keeps every finished run)."""
+    if record is None:
+        results["complete"] = True
+    else:
+        results["runs"].append(record)
+    results["seconds_total"] = time.time() - t_start
+    write(results)
 
 
 # What must match for an earlier run's result to be kept: the whole recorded setup.
@@ -186,13 +195,18 @@ def results_header(
         "runs": [],
         "complete": False,
         "command": paths.command_line(workdir),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": machine(),
         "config": paths.relative_config(config.to_dict(), workdir),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """CPU count, platform, jax version and backend, as results.json records them."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
     }
 
 
@@ -255,8 +269,10 @@ def write_outputs(workdir: Path, results: dict) -> None:
 
 __all__ = [
     "Setup",
+    "add_record",
     "c_selection",
     "load_setup",
+    "machine",
     "quantize_experiment",
     "quantize_run",
     "results_header",
