@@ -295,10 +295,8 @@ def quantize_from_stats(
       block_size: column block of the Gram-form / GPTQ lazy updates (None:
         ``gpfq_jax.core.gpfq.default_block_size`` for GPFQ,
         ``gpfq_jax.core.gptq.default_gptq_block_size`` for GPTQ).
-      damp: GPTQ's damping fraction.
-      act_order: GPTQ and GPFQ walk the input features in descending order of diag(H) (the
-        quantized model's input energy); group steps stay those of the kernel's contiguous
-        groups and the codes are returned in kernel order (RTN ignores the order).
+      damp: GPTQ's damping. act_order: GPTQ and GPFQ walk the features in descending diag(H);
+        group steps stay the contiguous groups'; codes come back in kernel order.
       mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
         "auto" (all local devices) or None. The codes do not depend on the device count.
     """
@@ -313,9 +311,7 @@ def quantize_from_stats(
     kernel_scale = pow2_normalizer(max_abs(kernel))
     mat = scaled(kernel.reshape(-1, kernel.shape[-1]), kernel_scale).astype(dtype)
     w_g = grouped_kernel(mat, stats.groups)
-    uniform = None
-    if spec.rounding == "stochastic":
-        uniform = jax.random.uniform(key, w_g.shape, dtype)
+    uniform = jax.random.uniform(key, w_g.shape, dtype) if spec.rounding == "stochastic" else None
     mesh = resolve_mesh(mesh)
     if mesh is not None:  # neurons across devices, statistics replicated
         w_g = shard_along(w_g, mesh, -1)
