@@ -35,7 +35,7 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-_COLORS = {"gpfq": "C0", "rtn": "C1", "gptq": "C2"}
+_COLORS = {"gpfq": "C0", "rtn": "C1", "gptq": "C2", "qronos": "C5"}
 _MARKERS = {"int": "o", "int_full": "s", "ls": "^", "zzs": "D"}
 
 
@@ -148,7 +148,7 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
 
 
 _LM_COLORS = {"rtn": "C1", "gptq": "C2", "gptq-act": "C3", "gpfq": "C0", "gpfq-act": "C4",
-              "qronos": "C5"}  # fmt: skip
+              "qronos": "C5", "qronos-act": "C6"}  # fmt: skip
 
 
 def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:

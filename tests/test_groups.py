@@ -134,7 +134,7 @@ def test_shorter_last_group_steps_and_zero_points(rng):
     np.testing.assert_array_equal(rows, np.asarray(delta)[[0, 0, 0, 0, 1, 1, 1, 1, 2, 2]])
 
 
-@pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq"])
+@pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq", "qronos"])
 @pytest.mark.parametrize("grid", ["int", "asym", "ls"])
 def test_one_group_is_per_channel(rng, method, grid):
     """group_size >= N (one group) gives exactly the per-channel codes, steps and q."""
@@ -160,7 +160,7 @@ def test_one_group_is_per_channel(rng, method, grid):
     n_out=st.integers(1, 4),
     group_size=st.integers(1, 15),
     grid=st.sampled_from(["int", "int_full", "ls", "asym"]),
-    method=st.sampled_from(["gpfq", "rtn", "gptq"]),
+    method=st.sampled_from(["gpfq", "rtn", "gptq", "qronos"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_codes_lie_on_each_groups_alphabet(n, n_out, group_size, grid, method, seed):

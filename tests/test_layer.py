@@ -30,7 +30,7 @@ def test_result_fields(layer):
     assert zzs8.codes.dtype == jnp.int16  # codes -128..128
 
 
-@pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq"])
+@pytest.mark.parametrize("method", ["gpfq", "rtn", "gptq", "qronos"])
 def test_search_never_worse_than_default_step(layer, method):
     w, x = layer
     for per_channel in (True, False):

@@ -210,7 +210,7 @@ class QkvAndOut(nn.Module):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["3bit", "4bit-g4-asym"])
-@pytest.mark.parametrize("method", ["gpfq", "gptq", "rtn"])
+@pytest.mark.parametrize("method", ["gpfq", "gptq", "qronos", "rtn"])
 def test_attention_projections_equal_dense_by_reshape(x64, spec, method):
     """DenseGeneral q (d, heads, hd) and out (heads, hd, d) give the codes of the equivalent
     Dense layers (kernels reshaped), code for code."""

@@ -1,4 +1,4 @@
-"""GPTQ on the same alphabets and statistics as GPFQ.
+"""GPTQ, and Qronos as a GPTQ variant, on the same alphabets and statistics as GPFQ.
 
 GPTQ follows Frantar et al. 2022 (and their reference code): H = X~^T X~ with dead inputs
 (H_ii = 0) given H_ii = 1 and weight 0, damping ``damp * mean(diag H)``, optional act-order
@@ -19,33 +19,44 @@ from gpfq_jax.core.alphabets import Alphabet, dequantize, round_to_codes
 from gpfq_jax.core.numerics import HIGHEST
 
 
-def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
-    """Damped H, weights with dead inputs zeroed, and the upper Cholesky factor of H^{-1}."""
-    n = hess.shape[0]
-    diag = jnp.diagonal(hess)
-    dead = diag == 0
+def _damped(hess: jax.Array, damp: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(damped H, the damping lambda, dead-input mask (N,)): dead inputs (H_ii = 0) get
+    H_ii = 1, then lambda = ``damp * mean(diag H)`` is added to the diagonal."""
+    dead = jnp.diagonal(hess) == 0
     h = hess + jnp.diag(dead.astype(hess.dtype))
-    w = jnp.where(dead[:, None], 0.0, w)
-    h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(n, dtype=h.dtype)
+    lam = damp * jnp.mean(jnp.diagonal(h))
+    return h + lam * jnp.eye(h.shape[0], dtype=h.dtype), lam, dead
+
+
+def _upper_inverse_factor(h: jax.Array) -> jax.Array:
+    """The upper Cholesky factor U of H^{-1} (H^{-1} = U^T U) of a positive definite H."""
     lower = jnp.linalg.cholesky(h)
-    eye = jnp.eye(n, dtype=h.dtype)
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
     linv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
     hinv = jnp.dot(linv.T, linv, precision=HIGHEST)  # H^{-1}
-    upper = jnp.linalg.cholesky(hinv).T  # H^{-1} = U^T U
-    return w, upper
+    return jnp.linalg.cholesky(hinv).T
+
+
+def gptq_prepare(hess: jax.Array, w: jax.Array, damp: float = 0.01):
+    """Damped H, weights with dead inputs zeroed, and the upper Cholesky factor of H^{-1}."""
+    h, _, dead = _damped(hess, damp)
+    return jnp.where(dead[:, None], 0.0, w), _upper_inverse_factor(h)
 
 
 class GptqFactor(NamedTuple):
-    """What GPTQ needs that does not depend on the step: computed once per layer.
+    """What GPTQ (or Qronos) needs that does not depend on the step: computed once per layer.
 
-    w: (N, N_out) weights in GPTQ's feature order, dead inputs zeroed. upper: (N, N) upper
-    Cholesky factor of the damped H^{-1} in that order. perm: (N,) the order (act-order or
-    identity).
+    w: (N, N_out) weights in GPTQ's feature order, dead inputs zeroed (Qronos: the
+    least-squares weights, see ``qronos_factor``). upper: (N, N) upper Cholesky factor of the
+    damped H^{-1} in that order. perm: (N,) the order (act-order or identity). first: None
+    (GPTQ), or (N_out,) the value Qronos rounds for the first feature in that order in place
+    of ``w[0]``.
     """
 
     w: jax.Array
     upper: jax.Array
     perm: jax.Array
+    first: jax.Array | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("act_order",))
@@ -57,6 +68,45 @@ def gptq_factor(
     perm = jnp.argsort(-jnp.diagonal(hess)) if act_order else jnp.arange(n)
     w, upper = gptq_prepare(hess[perm][:, perm], w[perm], damp)
     return GptqFactor(w, upper, perm)
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def qronos_factor(
+    w: jax.Array,
+    hess: jax.Array,
+    cross: jax.Array,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GptqFactor:
+    """Qronos (Zhang, Colbert & Saab 2025) as a GPTQ factor, from H = X~^T X~ and G = X~^T X.
+
+    Qronos quantizes the features in order t = 1..N of the objective
+    ||X w - X~ v||^2 + lambda ||w - v||^2 (the float layer's output, from the quantized model's
+    inputs; lambda = ``damp * mean(diag H)`` as GPTQ's, i.e. H + lambda I and G + lambda I):
+    q_t rounds the v_t that best corrects the error of q_1..q_{t-1} with the later features at
+    their current values ("correcting the past"), then the later features are set to the
+    least-squares solution given q_1..q_t ("shaping the future"). After step 1 the later
+    features are least-squares optimal, so the corrected value of feature t is just its
+    current value and the update is GPTQ's with H: Qronos is GPTQ started from the
+    least-squares weights v* = (H + lambda I)^{-1} (G + lambda I) w, except that feature 1
+    rounds ((G + lambda I) w - H_{1,>1} w_{>1})_1 / (H + lambda I)_{11} (float weights w) in
+    place of v*_1. Dead inputs (H_ii = 0) have v_i = 0. ``tests/test_qronos.py`` checks this
+    against the iteration written out in data form.
+
+    w: (N, N_out); hess, cross: (N, N). Returns the factor in act-order (descending diag(H))
+    or kernel order, for ``gptq_codes_from_factor``.
+    """
+    n = w.shape[0]
+    perm = jnp.argsort(-jnp.diagonal(hess)) if act_order else jnp.arange(n)
+    h, lam, dead = _damped(hess[perm][:, perm], damp)
+    w, g = w[perm], cross[perm][:, perm]
+    target = jnp.dot(g, w, precision=HIGHEST) + lam * jnp.where(dead[:, None], 0.0, w)
+    target = jnp.where(dead[:, None], 0.0, target)
+    upper = _upper_inverse_factor(h)
+    v = jnp.dot(upper.T, jnp.dot(upper, target, precision=HIGHEST), precision=HIGHEST)
+    first = (target[0] - jnp.dot(h[0, 1:], w[1:], precision=HIGHEST)) / h[0, 0]
+    return GptqFactor(v, upper, perm, first)
 
 
 def default_gptq_block_size(n: int) -> int:
@@ -86,7 +136,7 @@ def gptq_codes_from_factor(
     with the features, so each weight keeps its own group's step). ``zero_point``: the "asym"
     grid's zero points, broadcastable to (N, N_out), original order.
     """
-    w, upper, perm = factor
+    w, upper, perm, first = factor
     n = w.shape[0]
     bs = default_gptq_block_size(n) if block_size is None else max(1, min(int(block_size), n))
     asym = zero_point is not None
@@ -97,11 +147,13 @@ def gptq_codes_from_factor(
         e = min(s + bs, n)
         u_bb = upper[s:e, s:e]
 
-        def step(w_blk, inp, u_bb=u_bb):
+        def step(w_blk, inp, u_bb=u_bb, s=s):
             i, u_row, d, z_i = inp
             z = z_i if asym else None
             w_i = w_blk[i]
-            k = round_to_codes(w_i, d, alphabet, None, z)
+            # Qronos rounds its own value for the first feature; the error is still w_i - q_i.
+            r_i = w_i if first is None or s > 0 else jnp.where(i == 0, first, w_i)
+            k = round_to_codes(r_i, d, alphabet, None, z)
             err = (w_i - dequantize(k, d, alphabet.offset, zero_point=z)) / u_bb[i, i]
             # U is upper triangular: u_row[j] = 0 for j < i, so earlier rows stay as they were.
             return w_blk - u_row[:, None] * err[None, :], (k, err)
@@ -145,4 +197,5 @@ __all__ = [
     "gptq_codes_from_factor",
     "gptq_prepare",
     "GptqFactor",
+    "qronos_factor",
 ]

@@ -29,7 +29,7 @@ from gpfq_jax.core.alphabets import (
 )
 from gpfq_jax.core.code_dtypes import int_dtype
 from gpfq_jax.core.gpfq import gpfq_gram_form
-from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor
+from gpfq_jax.core.gptq import GptqFactor, gptq_codes_from_factor, gptq_factor, qronos_factor
 from gpfq_jax.core.numerics import (
     as_float32_safe,
     check_finite,
@@ -45,7 +45,9 @@ from gpfq_jax.core.rtn import rtn_codes
 from gpfq_jax.core.sharding import pad_to_multiple, replicate, resolve_mesh, shard_along
 from gpfq_jax.core.stats import LayerStats, stats_from_data
 
-METHODS = ("gpfq", "rtn", "gptq")
+METHODS = ("gpfq", "rtn", "gptq", "qronos")
+# Methods quantizing through a GPTQ factor (step-independent, computed once per layer).
+FACTOR_METHODS = ("gptq", "qronos")
 
 
 def _rows(a: jax.Array | None) -> jax.Array | None:
@@ -93,7 +95,7 @@ def _method_codes(
         axes = tuple(None if a is None else 0 for a in args)
         return jax.vmap(solve, in_axes=axes)(*args)
 
-    # gptq: the factor (step-independent) was computed once per layer, outside the search
+    # gptq, qronos: the factor (step-independent) was computed once per layer, outside the search
     def solve_gptq(f, d, z):
         return gptq_codes_from_factor(f, d, alphabet, block_size=block_size, zero_point=z)
 
@@ -173,8 +175,23 @@ def _validate(kernel: jax.Array, stats: LayerStats, spec: QuantSpec, method: str
             check_finite(f"statistics ({name})", getattr(stats, name))
     if spec.rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key (key=jax.random.PRNGKey(...))")
-    if method == "gptq" and (spec.rounding != "nearest" or spec.sparsity is not None):
-        raise ValueError("gptq supports rounding='nearest' without sparsity only")
+    if method in FACTOR_METHODS and (spec.rounding != "nearest" or spec.sparsity is not None):
+        raise ValueError(f"{method} supports rounding='nearest' without sparsity only")
+
+
+def _factor(
+    method: str, w_g: jax.Array, stats: LayerStats, damp: float, act_order: bool
+) -> GptqFactor | None:
+    """The GPTQ or Qronos factors of grouped weights (g, N, n), once per layer; None otherwise."""
+    if method == "gptq":
+        return jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
+            w_g, stats.hess
+        )
+    if method == "qronos":
+        return jax.vmap(lambda w, h, g: qronos_factor(w, h, g, damp=damp, act_order=act_order))(
+            w_g, stats.hess, stats.cross
+        )
+    return None
 
 
 def _search(
@@ -290,13 +307,15 @@ def quantize_from_stats(
     Args:
       kernel: (N_in, N_out) Dense or (kh, kw, cin/g, cout) Conv kernel, Flax layout.
       stats: the layer's LayerStats (g problems of N = prod(kernel.shape[:-1]) features).
-      spec: the alphabet and step rule. method: "gpfq", "rtn" or "gptq".
+      spec: the alphabet and step rule. method: "gpfq", "rtn", "gptq" or "qronos" (GPTQ
+        from the least-squares weights of the float output; ``gptq.qronos_factor``).
       key: PRNG key, required for ``spec.rounding == "stochastic"``.
       block_size: column block of the Gram-form / GPTQ lazy updates (None:
         ``gpfq_jax.core.gpfq.default_block_size`` for GPFQ,
         ``gpfq_jax.core.gptq.default_gptq_block_size`` for GPTQ).
-      damp: GPTQ's damping. act_order: GPTQ and GPFQ walk the features in descending diag(H);
-        group steps stay the contiguous groups'; codes come back in kernel order.
+      damp: GPTQ's and Qronos's damping. act_order: GPTQ, Qronos and GPFQ walk the features in
+        descending diag(H); group steps stay the contiguous groups'; codes come back in
+        kernel order.
       mesh: a ``jax.sharding.Mesh`` (its devices, flattened, split the output channels),
         "auto" (all local devices) or None. The codes do not depend on the device count.
     """
@@ -323,11 +342,7 @@ def quantize_from_stats(
             )
         stats = replicate(stats, mesh)
     terms = error_terms(stats, w_g)  # Q-independent, once per layer
-    gptq = None
-    if method == "gptq":  # step-independent, once per layer
-        gptq = jax.vmap(lambda w, h: gptq_factor(w, h, damp=damp, act_order=act_order))(
-            w_g, stats.hess
-        )
+    gptq = _factor(method, w_g, stats, damp, act_order)
     codes, err, c_g = _search(mat, w_g, stats, terms, spec, method, uniform, block_size, gptq, mesh,
                               act_order)  # fmt: skip
     ref = terms.ref[..., : mat.shape[-1] // stats.groups]

@@ -91,7 +91,7 @@ def quantize_params(
         iterator of batches (called once per quantized layer, so the data can stream from
         disk; every call must yield the same batches in the same order). See
         :class:`Calibration`.
-      spec, method: default QuantSpec and method ("gpfq", "rtn", "gptq") for every layer.
+      spec, method: default QuantSpec and method ("gpfq", "rtn", "gptq", "qronos") for every layer.
       rules: list of ``Rule(pattern, skip, spec, method)`` (or tuples/dicts) matched with
         ``re.search`` on layer names; first match wins.
       apply_kwargs: extra arguments of the forward pass; default ``{"train": False}`` if

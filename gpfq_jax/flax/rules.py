@@ -22,8 +22,8 @@ class Rule:
     """Override for the layers whose name matches ``pattern`` (``re.search``).
 
     skip: leave the layer float. spec: a QuantSpec replaces the base spec; a dict replaces only
-    the fields it names (``{"bits": 8}``). method: "gpfq", "rtn" or "gptq". bits: shorthand
-    for ``spec={"bits": bits}`` applied last.
+    the fields it names (``{"bits": 8}``). method: one of ``METHODS``. bits:
+    shorthand for ``spec={"bits": bits}`` applied last.
     """
 
     pattern: str

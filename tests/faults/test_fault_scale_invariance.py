@@ -27,7 +27,7 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-METHODS = st.sampled_from(["gpfq", "rtn", "gptq"])
+METHODS = st.sampled_from(["gpfq", "rtn", "gptq", "qronos"])
 SCALES = st.sampled_from(["search", "max"])
 SEEDS = st.integers(0, 2**31 - 1)
 
