@@ -10,7 +10,7 @@ import importlib
 
 from gpfq_jax.core.alphabets import QuantSpec, dequantize, make_alphabet, step_size
 from gpfq_jax.core.gpfq import gpfq_data_form, gpfq_gram_form
-from gpfq_jax.core.gptq import gptq_codes, gptq_codes_from_factor, gptq_factor
+from gpfq_jax.core.gptq import gptq_codes, gptq_codes_from_factor, gptq_factor, qronos_factor
 from gpfq_jax.core.layer import LayerResult, quantize_from_stats, quantize_layer
 from gpfq_jax.core.output_error import output_error_sq
 from gpfq_jax.core.patches import ConvGeometry
@@ -60,6 +60,7 @@ __all__ = [
     "gptq_codes",
     "gptq_codes_from_factor",
     "gptq_factor",
+    "qronos_factor",
     "load_quantized",
     "make_alphabet",
     "output_error_sq",

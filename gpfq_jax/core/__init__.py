@@ -21,7 +21,13 @@ from gpfq_jax.core.alphabets import (
 from gpfq_jax.core.code_dtypes import int_dtype, storage_layout
 from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
-from gpfq_jax.core.gptq import GptqFactor, gptq_codes, gptq_codes_from_factor, gptq_factor
+from gpfq_jax.core.gptq import (
+    GptqFactor,
+    gptq_codes,
+    gptq_codes_from_factor,
+    gptq_factor,
+    qronos_factor,
+)
 from gpfq_jax.core.layer import METHODS, LayerResult, quantize_from_stats, quantize_layer
 from gpfq_jax.core.output_error import ErrorTerms, error_given_terms, error_terms, output_error_sq
 from gpfq_jax.core.patches import (
@@ -73,6 +79,7 @@ __all__ = [
     "gptq_codes",
     "gptq_codes_from_factor",
     "gptq_factor",
+    "qronos_factor",
     "grouped_kernel",
     "init_stats",
     "int_dtype",
