@@ -39,3 +39,8 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"rng seed: {seed} (GPFQ_TEST_SEED={seed} reproduces it)")
     return np.random.default_rng(seed)
+
+
+# The fault suite's counts table (tests/faults): tallied here, where pytest-xdist's controller
+# receives the workers' reports.
+from _fault_tally import pytest_runtest_logreport, pytest_terminal_summary  # noqa: E402, F401

@@ -111,7 +111,7 @@ def test_quant_spec(call, exc, pattern):
     expect_error(call, exc, pattern)
 
 
-METHOD = r"unknown method {}; expected one of \('gpfq', 'rtn', 'gptq'\)"
+METHOD = r"unknown method {}; expected one of \('gpfq', 'rtn', 'gptq', 'qronos'\)"
 DAMP_V = r"damp must be a finite number >= 0 \(GPTQ's damping\), got "
 DAMP_T = r"damp must be a real number >= 0, got "
 BLOCK = r"block_size must be a positive integer or None, got "

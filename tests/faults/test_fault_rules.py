@@ -60,7 +60,7 @@ RULES = error_cases(
      ValueError, r"rule pattern 'dense_1' matches no layer; layer names: Dense_0, Dense_1$"),
     ("pattern-not-str", P([(5,)]), TypeError, r"rule pattern must be a string, got int$"),
     ("method-unknown", lambda: R("Dense_0", method="foo"), ValueError,
-     r"rule 'Dense_0': unknown method 'foo'; expected one of \('gpfq', 'rtn', 'gptq'\)$"),
+     r"rule 'Dense_0': unknown method 'foo'; expected one of \('gpfq', 'rtn', 'gptq', 'qronos'\)$"),
     ("method-unknown-tuple", P([("Dense_1", False, None, "GPTQ")]), ValueError,
      r"rule 'Dense_1': unknown method 'GPTQ'"),
     ("rule-int", P([5]), TypeError, r"a rule must be a Rule, tuple or dict, got int$"),
