@@ -30,6 +30,8 @@ _FLAX_NAMES = {
     "save_quantized": "gpfq_jax.flax.checkpoints",
     "load_quantized": "gpfq_jax.flax.checkpoints",
     "size_report": "gpfq_jax.flax.sizes",
+    "to_qwix": "gpfq_jax.flax.qwix_serving",
+    "load_qwix": "gpfq_jax.flax.qwix_serving",
 }
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "gptq_factor",
     "qronos_factor",
     "load_quantized",
+    "load_qwix",
     "make_alphabet",
     "output_error_sq",
     "quantize_from_stats",
@@ -72,4 +75,5 @@ __all__ = [
     "size_report",
     "stats_from_data",
     "step_size",
+    "to_qwix",
 ]

@@ -11,6 +11,7 @@ from gpfq_jax.flax.blocks import BlockStructureError
 from gpfq_jax.flax.checkpoint_format import read_metadata
 from gpfq_jax.flax.checkpoints import load_quantized, save_quantized
 from gpfq_jax.flax.driver import quantize_params
+from gpfq_jax.flax.qwix_serving import load_qwix, to_qwix
 from gpfq_jax.flax.results import DriverReport, LayerRecord, QuantizeResult
 from gpfq_jax.flax.rules import Rule
 from gpfq_jax.flax.sizes import size_report
@@ -25,9 +26,11 @@ __all__ = [
     "Rule",
     "discover_layers",
     "load_quantized",
+    "load_qwix",
     "quantize_params",
     "read_metadata",
     "save_quantized",
     "size_report",
+    "to_qwix",
     "trace_model",
 ]
