@@ -196,7 +196,9 @@ def test_checkpoint_path_gives_the_same_outputs(tmp_path):
     qmodel, qvars = gq.load_qwix(tmp_path / "lin", model)
     _close(qmodel.apply(qvars, X_MLP), model.apply(res.variables, X_MLP))
     assert all(w.array.qvalue.dtype == jnp.int4 for w in _served(qvars))
-    assert _bytes(_served(qvars)) == _bytes(_served(gq.to_qwix(res, model)[1]))
+    from_res = gq.to_qwix(res, model)[1]
+    assert jax.tree.structure(qvars) == jax.tree.structure(from_res)  # same leaves, same how
+    assert _bytes(_served(qvars)) == _bytes(_served(from_res))
     model, res = _linen("mlp", "4asym")
     gq.save_quantized(tmp_path / "asym", res)
     qmodel, qvars = gq.load_qwix(tmp_path / "asym", model)
@@ -206,6 +208,8 @@ def test_checkpoint_path_gives_the_same_outputs(tmp_path):
     qmodel, qvars = gq.load_qwix(tmp_path / "nnx", nnx_model)
     assert qvars is None and qmodel.fc1.kernel.array.qvalue.get_value().dtype == jnp.int8
     _close(qmodel(X_MLP), res.model(X_MLP))
+    assert not isinstance(nnx_model.fc1.kernel, WithAux)  # the float model is not modified
+    assert not isinstance(res.model.fc1.kernel, WithAux)
     with pytest.raises(TypeError, match="nnx checkpoint"):
         gq.load_qwix(tmp_path / "nnx", model)
 

@@ -252,22 +252,24 @@ def _linen(model: Any, floats: list[tuple[tuple, Any]], served: dict) -> tuple[A
     return qwix.quantize_model(model, qwix.PtqProvider(_rules(served))), _nested(pairs)
 
 
-def _nnx(model: nnx.Module, served: dict) -> nnx.Module:
-    """A Qwix PTQ copy of the NNX ``model`` whose served kernels hold the QArrays."""
+def _nnx(model: nnx.Module, served: dict, floats: list | None = None) -> nnx.Module:
+    """A Qwix PTQ copy of the NNX ``model`` (the one copy made) whose served kernels hold the
+    QArrays and, if given, whose other leaves are ``floats`` ((path, leaf) pairs)."""
     from qwix._src.utils import flax_util
 
     qwix = _qwix()
     qmodel = qwix.quantize_model(model, qwix.PtqProvider(_rules(served)), skip_nnx_init=True)
+    if floats is not None:
+        state = nnx.state(qmodel)
+        nnx.replace_by_pure_dict(state, _nested(floats))
+        nnx.update(qmodel, state)
     for leaf, _, kpath in served.values():
         module = qmodel
         for k in kpath[:-1]:
             module = module[k] if isinstance(k, int) else getattr(module, k)
         param = getattr(module, kpath[-1])
-        setattr(
-            module,
-            kpath[-1],
-            jax.tree.map(lambda v, p=param: flax_util.update_boxed(p, value=v), leaf),
-        )
+        boxed = jax.tree.map(lambda v, p=param: flax_util.update_boxed(p, value=v), leaf)
+        setattr(module, kpath[-1], boxed)
     return qmodel
 
 
@@ -342,11 +344,7 @@ def load_qwix(path: str | os.PathLike, model: Any) -> tuple[Any, Any]:
         served[kpath[1:-1] if linen else kpath[:-1]] = (leaf, rule, kpath)
     if linen:
         return _linen(model, floats, served)
-    copy = nnx.clone(model)
-    state = nnx.state(copy)
-    nnx.replace_by_pure_dict(state, _nested(floats))
-    nnx.update(copy, state)
-    return _nnx(copy, served), None
+    return _nnx(model, served, floats), None
 
 
 def _nested(pairs: list[tuple[tuple, Any]]) -> dict:
