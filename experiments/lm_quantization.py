@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
@@ -29,12 +30,14 @@ from experiments.llama import Llama, param_count
 from experiments.perplexity import perplexity
 from experiments.quantization import add_record, finished_runs, machine, save_run
 from experiments.tokenizer import tokenizer_from_gguf
-from gpfq_jax.atomic import write_json_atomic, write_text_atomic
+from gpfq_jax.atomic import atomic_path, write_json_atomic, write_text_atomic
+from gpfq_jax.flax.sizes import directory_bytes
 
 # What must match for an earlier run's result to be kept ("setup": the config without the
 # list of runs, so a workdir gathers runs from several invocations).
 RESUME_KEYS = ("model", "model_file", "float", "calibration", "evaluation", "setup")
 RUN_LIST_KEYS = ("methods", "points", "grids")
+FLOAT_CHECKPOINT = "float_checkpoint"
 
 
 @dataclasses.dataclass
@@ -212,6 +215,16 @@ def step_rule(q: ConfigDict) -> str:
     return text
 
 
+def save_float_checkpoint(workdir: Path, variables: Any) -> dict[str, Any]:
+    """The float variables saved as an orbax PyTree checkpoint (the usual way to save a Flax
+    model) at ``workdir/float_checkpoint``, replaced atomically: the float side of the
+    checkpoint size comparison. Returns its path (relative to ``workdir``) and bytes on disk."""
+    path = workdir / FLOAT_CHECKPOINT
+    with atomic_path(path, directory=True) as tmp:
+        ocp.PyTreeCheckpointer().save(tmp.absolute(), variables)
+    return {"path": FLOAT_CHECKPOINT, "disk_bytes": directory_bytes(path)}
+
+
 def write_outputs(workdir: Path, results: dict) -> None:
     """results.json, results.md, layer_errors.md and the two plots, each atomically."""
     write_json_atomic(workdir / "results.json", results)
@@ -229,6 +242,8 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     setup = load_lm_setup(config)
     results = results_header(config, workdir, setup)
+    if config.quant.get("save_quantized", True):
+        results["float_checkpoint"] = save_float_checkpoint(workdir, setup.variables)
     logging.info("float perplexity: %.3f", results["float"]["perplexity"])
     finished = finished_runs(workdir, results, RESUME_KEYS)
     for run in lm_runs(config.quant):
@@ -248,6 +263,7 @@ __all__ = [
     "quantize_lm_run",
     "results_header",
     "run_spec",
+    "save_float_checkpoint",
     "setup_config",
     "step_rule",
 ]

@@ -77,7 +77,7 @@ def runs_table(results: dict) -> str:
     """Every run: perplexity, bits per weight, mean layer error, seconds, checkpoint size."""
     head = ["run", "steps", "calib. windows", "perplexity", "bits/weight", "mean rel. error",
             "quantize s", "capture s",
-            "stats s", "quant s", "checkpoint MB", "peak RSS GB"]  # fmt: skip
+            "stats s", "quant s", "memory MB", "checkpoint MB", "peak RSS GB"]  # fmt: skip
     lines = [_row(head), _row(["---"] * len(head))]
     for r in results["runs"]:
         if "error" in r:
@@ -90,10 +90,23 @@ def runs_table(results: dict) -> str:
             r["calibration_windows"],
             _ppl(r["perplexity"]), f"{r['bits_per_weight']:.3f}",
             f"{sum(errs) / len(errs):.4f}", f"{s['total']:.0f}", f"{s['capture']:.0f}",
-            f"{s['stats']:.0f}", f"{s['quant']:.0f}",
+            f"{s['stats']:.0f}", f"{s['quant']:.0f}", f"{r['size']['quantized_bytes'] / 1e6:.1f}",
             "-" if disk is None else f"{disk / 1e6:.1f}", f"{r['peak_rss_bytes'] / 2**30:.2f}",
         ]))  # fmt: skip
     return "\n".join(lines)
+
+
+def sizes_line(results: dict) -> str:
+    """The float model's size in memory and as an orbax checkpoint on disk (MB = 1e6 bytes)."""
+    done = successful(results["runs"])
+    text = (f"Float model: {done[0]['size']['float_bytes'] / 1e6:.1f} MB in memory"
+            if done else "Float model:")  # fmt: skip
+    ckpt = results.get("float_checkpoint")
+    if ckpt:
+        text += (
+            f"; its orbax checkpoint `{ckpt['path']}`: {ckpt['disk_bytes'] / 1e6:.1f} MB on disk"
+        )
+    return text + ". Each run's sizes are in the runs table."
 
 
 def results_markdown(results: dict) -> str:
@@ -113,6 +126,7 @@ def results_markdown(results: dict) -> str:
         f"of `{ev['novel']}` from character {ev['start_char']:,} "
         f"({ev['predicted_tokens']:,} predicted tokens). Steps: {results['step_rule']}.",
         f"Float perplexity: **{fl['perplexity']:.3f}**.",
+        sizes_line(results),
         "",
         "## Perplexity",
         "",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from test_gguf_llama import TINY, TOKENS, _hf_tensors, _write
 from test_llama import _model
@@ -116,6 +118,13 @@ def test_saved_checkpoint_gives_the_recorded_perplexity(experiment, files):
     ppl = perplexity(setup.model, variables, setup.eval_windows, setup.eval_batch_size)
     assert ppl == pytest.approx(record["perplexity"], rel=1e-5)
     assert record["size"]["quantized_disk_bytes"] > 0
+    # The float side of the size comparison: the float variables as an orbax checkpoint.
+    ckpt = res["float_checkpoint"]
+    saved = ocp.PyTreeCheckpointer().restore((workdir / ckpt["path"]).absolute())
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(setup.variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ckpt["disk_bytes"] > 0
+    assert f"{ckpt['disk_bytes'] / 1e6:.1f} MB on disk" in (workdir / "results.md").read_text()
 
 
 def test_resume_keeps_finished_runs_and_records_a_failure(experiment, files, monkeypatch):

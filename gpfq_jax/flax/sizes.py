@@ -25,7 +25,8 @@ from gpfq_jax.flax.checkpoints import (
 from gpfq_jax.flax.results import QuantizeResult
 
 
-def _dir_bytes(path: Path) -> int:
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path`` (a checkpoint directory's size on disk)."""
     return sum(
         os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
     )
@@ -43,7 +44,7 @@ def _float_bytes(float_variables: Any) -> tuple[int, int | None]:
     if isinstance(float_variables, str | os.PathLike):
         p = Path(float_variables).absolute()
         tree = restore_orbax(p)
-        return sum(_nbytes(a) for _, a in flatten_tree(tree)), _dir_bytes(p)
+        return sum(_nbytes(a) for _, a in flatten_tree(tree)), directory_bytes(p)
     if isinstance(float_variables, nnx.Module):
         float_variables = nnx.to_pure_dict(nnx.state(float_variables))
     return sum(_nbytes(a) for _, a in flatten_tree(float_variables)), None
@@ -96,7 +97,7 @@ def size_report(res_or_path: QuantizeResult | str | os.PathLike, float_variables
     else:
         path = Path(res_or_path).absolute()
         other, layer_sizes = _checkpoint_sizes(path)
-        disk = _dir_bytes(path)
+        disk = directory_bytes(path)
     codes = sum(math.ceil(n * bits / 8) for _, n, bits, _ in layer_sizes)
     scales = sum(s for *_, s in layer_sizes)
     float_mem, float_disk = _float_bytes(float_variables)
