@@ -702,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    git = git_state()  # the code that runs: taken at the start, not when the report is written
     t0 = time.perf_counter()
     setup = tiny_setup(args) if args.tiny else smollm2_setup(args)
     setup["probe"] = jnp.asarray(setup["windows"][: args.probe])
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join(["python", "benchmarks/qwix_peer.py", *argv]),
         flags=flags,
         versions=versions(),
-        git=git_state(),
+        git=git,
         model={
             "source": setup["source"],
             "config": dataclasses.asdict(cfg) | {"dtype": jnp.dtype(cfg.dtype).name},
