@@ -9,6 +9,7 @@ the user-facing API; the Flax ones are imported on first use, so that ``import g
 import importlib
 
 from gpfq_jax.core.alphabets import QuantSpec, dequantize, make_alphabet, step_size
+from gpfq_jax.core.bit_budget import solve_budget
 from gpfq_jax.core.gpfq import gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import gptq_codes, gptq_codes_from_factor, gptq_factor, qronos_factor
 from gpfq_jax.core.layer import LayerResult, quantize_from_stats, quantize_layer
@@ -32,6 +33,8 @@ _FLAX_NAMES = {
     "size_report": "gpfq_jax.flax.sizes",
     "to_qwix": "gpfq_jax.flax.qwix_serving",
     "load_qwix": "gpfq_jax.flax.qwix_serving",
+    "allocate_bits": "gpfq_jax.flax.bit_allocation",
+    "BitAllocation": "gpfq_jax.flax.bit_allocation",
 }
 
 
@@ -46,6 +49,7 @@ def __dir__():
 
 
 __all__ = [
+    "BitAllocation",
     "BlockStructureError",
     "ConvGeometry",
     "DriverReport",
@@ -56,6 +60,7 @@ __all__ = [
     "QuantizeResult",
     "Rule",
     "StatsAccumulator",
+    "allocate_bits",
     "dequantize",
     "gpfq_data_form",
     "gpfq_gram_form",
@@ -73,6 +78,7 @@ __all__ = [
     "rtn_codes",
     "save_quantized",
     "size_report",
+    "solve_budget",
     "stats_from_data",
     "step_size",
     "to_qwix",

@@ -3,7 +3,8 @@
 alphabets (grids, steps, rounding, dequantization), gpfq (the recurrence: data form and
 blocked Gram form), gptq and rtn (the baselines), patches (conv geometry, patch rows, kernel
 grouping), stats (streaming H, G, F), output_error (the error identity), layer (one-layer
-quantization with the step search), sharding (placing a layer on several devices).
+quantization with the step search), bit_budget (per-layer bit widths under a storage budget:
+a multiple-choice knapsack), sharding (placing a layer on several devices).
 """
 
 from gpfq_jax.core.alphabets import (
@@ -18,6 +19,7 @@ from gpfq_jax.core.alphabets import (
     step_size,
     steps_and_zero_points,
 )
+from gpfq_jax.core.bit_budget import BudgetSolution, brute_force_budget, budget_units, solve_budget
 from gpfq_jax.core.code_dtypes import int_dtype, storage_layout
 from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
@@ -54,6 +56,7 @@ from gpfq_jax.core.stats import (
 
 __all__ = [
     "Alphabet",
+    "BudgetSolution",
     "ConvGeometry",
     "ErrorTerms",
     "GptqFactor",
@@ -65,6 +68,8 @@ __all__ = [
     "StatsAccumulator",
     "accumulate",
     "bits_per_weight",
+    "brute_force_budget",
+    "budget_units",
     "conv_row_count",
     "conv_rows",
     "conv_rows_at",
@@ -93,6 +98,7 @@ __all__ = [
     "quantize_view",
     "round_to_codes",
     "rtn_codes",
+    "solve_budget",
     "stats_from_data",
     "step_size",
     "steps_and_zero_points",

@@ -29,6 +29,7 @@ from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.numerics import check_fraction
 from gpfq_jax.core.sharding import resolve_mesh
 from gpfq_jax.flax.activation_cache import ActivationCache
+from gpfq_jax.flax.bit_allocation import DEFAULT_CANDIDATES, allocate_for_plans, check_budget
 from gpfq_jax.flax.blocks import find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
 from gpfq_jax.flax.calibration import Calibration
@@ -78,6 +79,8 @@ def quantize_params(
     shared_stats: bool = True,
     cache_bytes: int = 2**31,
     resume_dir: str | os.PathLike | None = None,
+    budget_bits: float | None = None,
+    budget_candidates: Sequence[int] = DEFAULT_CANDIDATES,
 ) -> QuantizeResult:
     """Quantize every Dense/Conv/DenseGeneral/Einsum layer of ``model``, in forward order (GPFQ
     by default; general layers as the (g, N, n) problems of their ``MatrixView``).
@@ -128,6 +131,11 @@ def quantize_params(
       resume_dir: a directory to make the run resumable: every finished layer and the block
         inputs are written there atomically, and a rerun with the same arguments continues
         after the last finished layer with the same result (see ``gpfq_jax.flax.resume``).
+      budget_bits: an average bits-per-weight budget over the quantized layers (codes, steps
+        and zero points, as ``size_report`` counts them): each layer's bits are chosen from
+        ``budget_candidates`` to minimise the summed ``rel_error ** 2`` from float-model
+        statistics (``gpfq_jax.flax.bit_allocation``), then the run uses them; the choice is
+        ``result.bit_allocation``. Rules may not fix bits then. None: the spec's bits.
     Returns: QuantizeResult (``driver`` says how it ran: blocks, shared statistics, compiles).
     """
     start = time.perf_counter()
@@ -138,6 +146,8 @@ def quantize_params(
     )  # fmt: skip
     _check_stats_dtype(stats_dtype)
     _check_run_layout(blocks, cache_bytes, resume_dir)
+    if budget_bits is not None:
+        budget = check_budget(budget_bits, budget_candidates, rules)
     mesh = resolve_mesh(mesh)
     batches = Calibration(calib, batch_size)
     if apply_kwargs is None:
@@ -157,6 +167,11 @@ def quantize_params(
         stats_dtype=stats_dtype, mesh=mesh, block_size=block_size, damp=damp,
         act_order=act_order, shared_stats=shared_stats, progress=progress,
     )  # fmt: skip
+    allocation = None
+    if budget_bits is not None:
+        allocation = allocate_for_plans(target, trace.layers, plans, found, batches, options,
+                                        cache_bytes, *budget)  # fmt: skip
+        plans = plan_layers(names, allocation.rules(rules), spec, method, kinds)
     store = None
     if resume_dir is not None:
         parts = _fingerprint_parts(target, trace, plans, found, batches, options, fold_batchnorm)
@@ -168,9 +183,8 @@ def quantize_params(
     report.note = note
     variables_out, model_out = target.result()
     elapsed = time.perf_counter() - start
-    return QuantizeResult(
-        variables_out, model_out, records, skipped, folded, target.framework, elapsed, report
-    )
+    return QuantizeResult(variables_out, model_out, records, skipped, folded, target.framework,
+                          elapsed, report, bit_allocation=allocation)  # fmt: skip
 
 
 def _fingerprint_parts(target, trace, plans, blocks, batches, options, folded) -> dict:

@@ -158,6 +158,8 @@ class QuantizeResult:
     layers: one LayerRecord per quantized layer, forward order.
     skipped: names of the layers left float by rules. folded: (layer, batchnorm) name pairs.
     driver: how the run went (blocks, shared statistics, compilations, cache); DriverReport.
+    bit_allocation: with ``budget_bits``, the per-layer bit widths chosen and why
+      (``gpfq_jax.flax.bit_allocation.BitAllocation``); None otherwise.
     """
 
     variables: Any
@@ -168,6 +170,7 @@ class QuantizeResult:
     framework: str
     seconds: float = 0.0
     driver: DriverReport = dataclasses.field(default_factory=DriverReport)
+    bit_allocation: Any = None
 
     def summary(self) -> SummaryTable:
         """Per-layer dicts; ``print(res.summary())`` shows a table."""
