@@ -69,7 +69,8 @@ def flatten_tree(tree: Any) -> list[tuple[tuple, Any]]:
     return [(tuple(_key(k) for k in path), leaf) for path, leaf in leaves]
 
 
-def _unflatten(pairs: list[tuple[tuple, Any]]) -> dict:
+def unflatten_tree(pairs: list[tuple[tuple, Any]]) -> dict:
+    """The nested dict of (key path, leaf) pairs (``flatten_tree``'s inverse for dicts)."""
     out: dict = {}
     for path, leaf in pairs:
         node = out
@@ -249,7 +250,7 @@ def load_quantized(path: str | os.PathLike, model: nnx.Module | None = None) -> 
             dtype=lay["dtype"], view=view_from_dict(lay["view"]),
         )  # fmt: skip
         pairs.append((tuple(lay["path"]), kernel))
-    variables = _unflatten(pairs)
+    variables = unflatten_tree(pairs)
     if model is None:
         return variables
     if meta["framework"] != "nnx":

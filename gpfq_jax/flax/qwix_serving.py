@@ -35,7 +35,13 @@ from gpfq_jax.core.code_dtypes import storage_layout
 from gpfq_jax.core.patches import MatrixView
 from gpfq_jax.core.result import per_weight
 from gpfq_jax.flax.checkpoint_format import check_arrays, read_metadata
-from gpfq_jax.flax.checkpoints import flatten_tree, kernel_path, restore_arrays, view_from_dict
+from gpfq_jax.flax.checkpoints import (
+    flatten_tree,
+    kernel_path,
+    restore_arrays,
+    unflatten_tree,
+    view_from_dict,
+)
 from gpfq_jax.flax.results import QuantizeResult
 
 _SERVED_KINDS = ("dense", "dense_general", "einsum")
@@ -249,7 +255,7 @@ def _linen(model: Any, floats: list[tuple[tuple, Any]], served: dict) -> tuple[A
     """The Qwix Linen model and its variables: ``floats`` ((path, leaf) pairs) + QArrays."""
     qwix = _qwix()
     pairs = list(floats) + [(kpath, leaf) for leaf, _, kpath in served.values()]
-    return qwix.quantize_model(model, qwix.PtqProvider(_rules(served))), _nested(pairs)
+    return qwix.quantize_model(model, qwix.PtqProvider(_rules(served))), unflatten_tree(pairs)
 
 
 def _nnx(model: nnx.Module, served: dict, floats: list | None = None) -> nnx.Module:
@@ -261,7 +267,7 @@ def _nnx(model: nnx.Module, served: dict, floats: list | None = None) -> nnx.Mod
     qmodel = qwix.quantize_model(model, qwix.PtqProvider(_rules(served)), skip_nnx_init=True)
     if floats is not None:
         state = nnx.state(qmodel)
-        nnx.replace_by_pure_dict(state, _nested(floats))
+        nnx.replace_by_pure_dict(state, unflatten_tree(floats))
         nnx.update(qmodel, state)
     for leaf, _, kpath in served.values():
         module = qmodel
@@ -345,16 +351,6 @@ def load_qwix(path: str | os.PathLike, model: Any) -> tuple[Any, Any]:
     if linen:
         return _linen(model, floats, served)
     return _nnx(model, served, floats), None
-
-
-def _nested(pairs: list[tuple[tuple, Any]]) -> dict:
-    out: dict = {}
-    for path, leaf in pairs:
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
-    return out
 
 
 __all__ = ["to_qwix", "load_qwix", "served_layer", "qvalue_layout", "scale_layout", "group_tiles"]
