@@ -34,6 +34,18 @@ def get_config() -> ml_collections.ConfigDict:
     # (bits, group size); None: one step per output channel
     q.points = ((4, 64), (3, 64), (4, None), (2, 32))
     q.grids = ("asym", "int")
+    # Mixed precision (experiments/lm_quantization.py docstring); each only adds runs, so a
+    # workdir's finished runs are kept. budgets: (bits per weight, group size) pairs, each run
+    # per method x grid ("gpfq_asym_b3.0_g64"); the widths come from budget_candidates and the
+    # budget counts codes, float32 steps and zero points over the linear layers: the floor
+    # (every layer at 2 bits) is 2 + 34/g on asym (2.53 at g64, 2.27 at g128), 2 + 32/g on int.
+    # E.g. ((3.0, 64), (2.5, 128)); 3.039 at g64 matches the split (3, 2, 64) below.
+    q.budgets = ()
+    q.budget_candidates = (2, 3, 4, 8)
+    # split_points: (a, b, group size) triples, each giving two uniform runs of the same average
+    # per method x grid: the first half of the blocks at a bits and the rest at b
+    # ("gpfq_asym_3first2_g64"), and the reverse ("gpfq_asym_2first3_g64"). E.g. ((3, 2, 64),).
+    q.split_points = ()
     # Steps: each neuron's multiplier of the grid's min/max (asym) or absmax (int) step is
     # chosen from search_grid by the layer's output error on the calibration statistics.
     q.scale = "search"

@@ -9,6 +9,29 @@ on a fixed prefix of the sixth novel (Emma) and saved. Written into ``workdir`` 
 after every run: results.json, results.md, layer_errors.md, perplexity_vs_bits.png,
 layer_errors.png and quantized/<run>/ (``gq.save_quantized``). A failed run is recorded with
 its error and the others go on; a rerun with the same setup keeps the finished runs.
+
+Mixed precision (both off by default; both only add runs, so a workdir's finished runs are
+kept when they are switched on):
+
+- ``quant.budgets = ((3.0, 64), (2.75, 128))``: (bits per weight, group size) pairs. Every
+  method x budget x grid run (``gpfq_asym_b3.0_g64``) lets ``gq.quantize_params(budget_bits=,
+  budget_candidates=quant.budget_candidates)`` choose each layer's width so that the linear
+  layers' average storage (codes, float32 steps and zero points, as ``bits_per_weight``
+  counts it) stays within the budget. The record holds ``budget``, ``allocation`` (per layer:
+  params, chosen bits, every candidate's float-statistics error and cost; the summed error,
+  the achieved and the minimum bits per weight) and each layer's ``bits``; ``bits_per_weight``
+  is the achieved one. Steps cost (32 + b) / g bits per weight on ``asym`` (32 / g on
+  ``int``): at g64 the 2-bit floor is 2.53 (asym), so a 2.5 budget needs g128 or per channel.
+- ``quant.split_points = ((3, 2, 64),)``: (bits a, bits b, group size) triples giving the
+  uniform comparisons of the same average, ``gpfq_asym_3first2_g64`` (the first half of the
+  blocks ``layers_0 .. layers_{n/2-1}`` at 3 bits, the rest at 2; layers outside the blocks,
+  such as an untied ``lm_head``, at the second width) and the reverse ``gpfq_asym_2first3_g64``
+  (``gq.Rule`` patterns on the block index).
+
+results.md gets a "Mixed precision" table (budget, achieved bits per weight, perplexity,
+summed error, layers at each width); the perplexity-vs-bits plot shows these runs as points
+(star: budget, plus: split) at their achieved bits per weight. A resumed budget run must have
+been chosen from the same ``budget_candidates``.
 """
 
 from __future__ import annotations
@@ -34,9 +57,10 @@ from gpfq_jax.atomic import atomic_path, write_json_atomic, write_text_atomic
 from gpfq_jax.flax.sizes import directory_bytes
 
 # What must match for an earlier run's result to be kept ("setup": the config without the
-# list of runs, so a workdir gathers runs from several invocations).
+# list of runs, so a workdir gathers runs from several invocations). Keys added to the config
+# that only list runs belong in RUN_LIST_KEYS, or every finished run of a workdir is redone.
 RESUME_KEYS = ("model", "model_file", "float", "calibration", "evaluation", "setup")
-RUN_LIST_KEYS = ("methods", "points", "grids")
+RUN_LIST_KEYS = ("methods", "points", "grids", "budgets", "budget_candidates", "split_points")
 FLOAT_CHECKPOINT = "float_checkpoint"
 
 
@@ -81,14 +105,63 @@ def load_lm_setup(config: ConfigDict) -> LMSetup:
 
 
 def lm_runs(q: ConfigDict) -> list[runs.Run]:
-    """Every (bits, group size) point x grid x method of ``q``, in that nesting order."""
+    """Every (bits, group size) point x grid x method of ``q``, in that nesting order; then
+    every budget x grid x method and every split (both orders) x grid x method."""
+    widths = [dict(bits=runs.parse_bits(b), group_size=g) for b, g in q.points]
+    top = max(q.get("budget_candidates") or (8,))
+    widths += [dict(bits=top, group_size=g, budget=float(b)) for b, g in q.get("budgets", ())]
+    for a, b, g in q.get("split_points", ()):
+        widths += [dict(bits=int(y), group_size=g, first_bits=int(x)) for x, y in ((a, b), (b, a))]
     out = []
-    for bits, group_size in q.points:
+    for width in widths:
         for grid in q.grids:
             for label in q.methods:
                 method, act = runs.parse_method(label)
-                out.append(runs.Run(method, grid, runs.parse_bits(bits), group_size, act))
+                out.append(runs.Run(method, grid, act_order=act, **width))
     return list(dict.fromkeys(out))
+
+
+def split_rules(run: runs.Run, n_layers: int) -> list[gq.Rule]:
+    """The rule of a split run: the first ``n_layers // 2`` blocks at ``run.first_bits``."""
+    if n_layers < 2:
+        raise ValueError(f"a split run needs at least 2 blocks, the model has {n_layers}")
+    first = "|".join(str(i) for i in range(n_layers // 2))
+    return [gq.Rule(f"^layers_({first})/", bits=run.first_bits)]
+
+
+def mixed_kwargs(run: runs.Run, setup: LMSetup, q: ConfigDict) -> dict[str, Any]:
+    """``quantize_params`` keywords of a mixed-precision run (budget or split rules)."""
+    if run.budget is not None:
+        return {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
+    if run.first_bits is not None:
+        return {"rules": split_rules(run, setup.model.config.n_layers)}
+    return {}
+
+
+def mixed_fields(run: runs.Run, res: gq.QuantizeResult, setup: LMSetup) -> dict[str, Any]:
+    """The record fields of a mixed-precision run: ``budget`` and ``allocation``, or
+    ``split`` [first bits, other bits] and ``first_blocks``; ``bits`` is "mixed"."""
+    out: dict[str, Any] = {"bits": "mixed"}
+    alloc = res.bit_allocation
+    if alloc is not None:
+        out["budget"] = run.budget
+        out["allocation"] = {
+            "budget_bits": alloc.budget_bits, "candidates": list(alloc.candidates),
+            "bits_per_weight": alloc.bits_per_weight,
+            "min_bits_per_weight": alloc.min_bits_per_weight,
+            "total_error": alloc.total_error, "exact": alloc.exact, "seconds": alloc.seconds,
+            "layers": alloc.summary(),
+        }  # fmt: skip
+    if run.first_bits is not None:
+        out["split"] = [run.first_bits, run.bits]
+        out["first_blocks"] = setup.model.config.n_layers // 2
+    return out
+
+
+def same_candidates(record: dict, q: ConfigDict) -> bool:
+    """Whether a finished budget run chose from ``q.budget_candidates`` (others: True)."""
+    alloc = record.get("allocation")
+    return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
 
 
 def linear_bits_per_weight(size: dict) -> float:
@@ -112,8 +185,9 @@ def run_spec(run: runs.Run, q: ConfigDict) -> gq.QuantSpec:
 
 
 def data_free(run: runs.Run, spec: gq.QuantSpec) -> bool:
-    """RTN with a fixed step rule: its codes do not depend on the calibration data."""
-    return run.method == "rtn" and spec.scale != "search"
+    """RTN with a fixed step rule and no budget: its codes do not depend on the calibration
+    data (a budget's choice of widths does)."""
+    return run.method == "rtn" and spec.scale != "search" and run.budget is None
 
 
 def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path) -> dict:
@@ -127,7 +201,7 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
         res = gq.quantize_params(
             setup.model, setup.variables, calib, spec, run.method,
             batch_size=q.calib_batch_size, act_order=run.act_order, progress=False,
-            seed=q.seed,
+            seed=q.seed, **mixed_kwargs(run, setup, q),
         )  # fmt: skip
         t0 = time.perf_counter()
         ppl = setup.perplexity(res.variables)
@@ -151,10 +225,16 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
             ]
         record["size"] = {k: v for k, v in size.items() if k != "layers"}
         record["bits_per_weight"] = linear_bits_per_weight(size)
+        if run.mixed:
+            record.update(mixed_fields(run, res, setup))
+            for lay, r in zip(record["layers"], res.layers, strict=True):
+                lay["bits"] = r.spec.bits
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
-        return {"name": run.name, "method": run.label, "grid": run.grid, "bits": run.bits,
-                "group_size": run.group_size, "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+        return {"name": run.name, "method": run.label, "grid": run.grid,
+                "bits": "mixed" if run.mixed else run.bits, "group_size": run.group_size,
+                **({"budget": run.budget} if run.budget is not None else {}),
+                "error": f"{type(e).__name__}: {e}"}  # fmt: skip
     logging.info("%s: perplexity %.3f (%.1f s)", run.name, ppl, record["seconds"]["total"])
     return record
 
@@ -198,7 +278,7 @@ def results_header(config: ConfigDict, workdir: Path, setup: LMSetup) -> dict[st
 
 
 def setup_config(config: ConfigDict) -> dict[str, Any]:
-    """The config without its list of runs (methods, points, grids)."""
+    """The config without its list of runs (``RUN_LIST_KEYS``)."""
     out = config.to_dict()
     out["quant"] = {k: v for k, v in out["quant"].items() if k not in RUN_LIST_KEYS}
     return out
@@ -247,7 +327,9 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     logging.info("float perplexity: %.3f", results["float"]["perplexity"])
     finished = finished_runs(workdir, results, RESUME_KEYS)
     for run in lm_runs(config.quant):
-        record = finished.get(run.name) or quantize_lm_run(run, setup, config.quant, workdir)
+        record = finished.get(run.name)
+        if record is None or not same_candidates(record, config.quant):
+            record = quantize_lm_run(run, setup, config.quant, workdir)
         add_record(results, record, t_start, lambda r: write_outputs(workdir, r))
     add_record(results, None, t_start, lambda r: write_outputs(workdir, r))
     return results
@@ -260,10 +342,14 @@ __all__ = [
     "lm_experiment",
     "lm_runs",
     "load_lm_setup",
+    "mixed_fields",
+    "mixed_kwargs",
     "quantize_lm_run",
     "results_header",
     "run_spec",
+    "same_candidates",
     "save_float_checkpoint",
     "setup_config",
+    "split_rules",
     "step_rule",
 ]

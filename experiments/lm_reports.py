@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.runs import successful
+from experiments.runs import is_mixed, successful
 
 
 def _row(cells: Sequence[Any]) -> str:
@@ -46,10 +46,15 @@ def recovered(ppl: float, rtn: float, float_ppl: float) -> float | None:
     return None if gap <= 0 else 1 - (ppl - float_ppl) / gap
 
 
+def uniform(runs: list[dict]) -> list[dict]:
+    """The successful runs at one width (not budget or split runs)."""
+    return [r for r in successful(runs) if not is_mixed(r)]
+
+
 def perplexity_table(results: dict) -> str:
     """One row per (bits, groups, grid), one column per method: perplexity, with the share
     of RTN's increase removed in brackets; then bits per weight (steps included)."""
-    runs = successful(results["runs"])
+    runs = uniform(results["runs"])
     methods = list(dict.fromkeys(r["method"] for r in runs))
     cell = {(*_key(r), r["method"]): r for r in runs}
     fl = results["float"]["perplexity"]
@@ -70,6 +75,40 @@ def perplexity_table(results: dict) -> str:
             cells.append(_ppl(r["perplexity"]) + ("" if share is None else f" ({share:.0%})"))
         label = point_label({"bits": bits, "group_size": gs})
         lines.append(_row([label, grid, bpw, *cells]))
+    return "\n".join(lines)
+
+
+def layer_widths(run: dict) -> dict[int, int]:
+    """Bit width -> number of layers at it, of a mixed-precision run's record."""
+    out: dict[int, int] = {}
+    for lay in run["layers"]:
+        out[lay["bits"]] = out.get(lay["bits"], 0) + 1
+    return out
+
+
+def mixed_label(run: dict) -> str:
+    """ "budget 3.0" or "3 then 2 bits" (first half of the blocks, then the rest)."""
+    if run.get("budget") is not None:
+        return f"budget {run['budget']}"
+    first, rest = run["split"]
+    return f"{first} then {rest} bits"
+
+
+def mixed_table(results: dict) -> str:
+    """The budget and split runs: budget, achieved bits per weight, perplexity, summed
+    squared relative error of the run's layers, and the number of layers at each width."""
+    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
+    widths = sorted({b for r in runs for b in layer_widths(r)})
+    head = ["run", "widths", "bits/weight", "perplexity", "sum rel. error²",
+            *(f"layers at {b}" for b in widths)]  # fmt: skip
+    lines = [_row(head), _row(["---"] * len(head))]
+    for r in runs:
+        count = layer_widths(r)
+        lines.append(_row([
+            r["name"], mixed_label(r), f"{r['bits_per_weight']:.3f}", _ppl(r["perplexity"]),
+            f"{sum(lay['rel_error'] ** 2 for lay in r['layers']):.4f}",
+            *(count.get(b, 0) for b in widths),
+        ]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -109,6 +148,23 @@ def sizes_line(results: dict) -> str:
     return text + ". Each run's sizes are in the runs table."
 
 
+def mixed_section(results: dict) -> list[str]:
+    """The "Mixed precision" lines of results.md (none without budget or split runs)."""
+    if not any(is_mixed(r) for r in successful(results["runs"])):
+        return []
+    return [
+        "## Mixed precision",
+        "",
+        "Budget runs choose each layer's width under an average bits per weight (steps and "
+        "zero points included; bits/weight is the achieved one); split runs put the first "
+        "half of the blocks at one width and the rest at the other. The error sum is over "
+        "the layers of the run (sequential quantization).",
+        "",
+        mixed_table(results),
+        "",
+    ]
+
+
 def results_markdown(results: dict) -> str:
     """The readable report of an LM experiment (``results.md``)."""
     cal, ev, fl = results["calibration"], results["evaluation"], results["float"]
@@ -135,6 +191,7 @@ def results_markdown(results: dict) -> str:
         "",
         perplexity_table(results),
         "",
+        *mixed_section(results),
         "## Runs",
         "",
         "Seconds are the whole-model quantization (captures, statistics, quantization, "
@@ -159,7 +216,7 @@ def layer_kind(name: str) -> str:
 def layer_error_markdown(results: dict) -> str:
     """Per-layer relative output error of every run: means by layer role, then every layer
     (rows) x run (columns), one table per (bits, groups, grid) point."""
-    runs = successful(results["runs"])
+    runs = uniform(results["runs"])
     lines = [f"# {results['model']}: relative output error per layer", ""]
     for point in _points(runs):
         group = [r for r in runs if _key(r) == point]
@@ -177,15 +234,35 @@ def layer_error_markdown(results: dict) -> str:
         for n in names:
             lines.append(_row([n, *(f"{e[n]:.4f}" if n in e else "-" for e in errs)]))
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + mixed_layer_lines(results))
+
+
+def mixed_layer_lines(results: dict) -> list[str]:
+    """Every layer (rows) x mixed-precision run (columns): error (bits)."""
+    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
+    if not runs:
+        return []
+    head = ["layer", *(r["name"] for r in runs)]
+    cells = [{lay["layer"]: f"{lay['rel_error']:.4f} ({lay['bits']})" for lay in r["layers"]}
+             for r in runs]  # fmt: skip
+    lines = ["## Mixed precision: error (bits)", "", _row(head), _row(["---"] * len(head))]
+    for n in dict.fromkeys(lay["layer"] for r in runs for lay in r["layers"]):
+        lines.append(_row([n, *(c.get(n, "-") for c in cells)]))
+    return lines + [""]
 
 
 __all__ = [
     "layer_error_markdown",
     "layer_kind",
+    "layer_widths",
+    "mixed_label",
+    "mixed_layer_lines",
+    "mixed_section",
+    "mixed_table",
     "perplexity_table",
     "point_label",
     "recovered",
     "results_markdown",
     "runs_table",
+    "uniform",
 ]

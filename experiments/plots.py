@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from experiments.reports import fmt_slope
-from experiments.runs import bits_label, bits_x, successful
+from experiments.runs import bits_label, bits_x, is_mixed, successful
 from gpfq_jax.atomic import atomic_path
 
 
@@ -153,9 +153,11 @@ _LM_COLORS = {"rtn": "C1", "gptq": "C2", "gptq-act": "C3", "gpfq": "C0", "gpfq-a
 
 def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
     """Perplexity (log scale) vs bits per weight (steps included), one line per (method,
-    grid); float as a horizontal line."""
+    grid) of the uniform runs; mixed-precision runs as points at their achieved bits per
+    weight (star: budget, plus: split), one legend entry per (method, grid, kind); float as
+    a horizontal line."""
     plt = _pyplot()
-    runs = successful(results["runs"])
+    runs = [r for r in successful(results["runs"]) if not is_mixed(r)]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
         pts = sorted(
@@ -165,6 +167,13 @@ def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
         )
         ax.plot(*zip(*pts), marker="o" if g == "int" else "s", color=_LM_COLORS.get(m),
                 linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")  # fmt: skip
+    mixed = [r for r in successful(results["runs"]) if is_mixed(r)]
+    for m, g, budget in dict.fromkeys((r["method"], r["grid"], "budget" in r) for r in mixed):
+        pts = [(r["bits_per_weight"], r["perplexity"]) for r in mixed
+               if (r["method"], r["grid"], "budget" in r) == (m, g, budget)]  # fmt: skip
+        ax.scatter(*zip(*pts), marker="*" if budget else "P", s=70 if budget else 45,
+                   color=_LM_COLORS.get(m), edgecolors="k", linewidths=0.4, zorder=3,
+                   label=f"{m.upper()} {g} {'budget' if budget else 'split'}")  # fmt: skip
     ax.axhline(results["float"]["perplexity"], color="k", linestyle="--", label="float")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + steps + zero points)")
@@ -177,8 +186,9 @@ def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
 
 
 def plot_lm_layer_errors(results: dict, path: str | os.PathLike) -> None:
-    """Per-layer relative error in forward order, one panel per (bits, groups, grid) point,
-    one line per method (log scale)."""
+    """Per-layer relative error in forward order, one panel per (bits, groups, grid) point
+    (mixed-precision runs: one panel per (groups, grid), one line per run), one line per
+    method (log scale)."""
     plt = _pyplot()
     runs = successful(results["runs"])
     points = list(dict.fromkeys((r["bits"], r.get("group_size"), r["grid"]) for r in runs))
@@ -190,10 +200,12 @@ def plot_lm_layer_errors(results: dict, path: str | os.PathLike) -> None:
             if (r["bits"], r.get("group_size"), r["grid"]) != (bits, gs, grid):
                 continue
             errs = [lay["rel_error"] for lay in r["layers"]]
-            ax.plot(errs, color=_LM_COLORS.get(r["method"]), linewidth=0.8,
-                    label=r["method"].upper())  # fmt: skip
+            mixed = is_mixed(r)
+            ax.plot(errs, color=None if mixed else _LM_COLORS.get(r["method"]), linewidth=0.8,
+                    label=r["name"] if mixed else r["method"].upper())  # fmt: skip
         ax.set_yscale("log")
-        ax.set_title(f"{bits}-bit {f'g{gs}' if gs else 'per channel'} {grid}", fontsize=9)
+        width = "mixed" if bits == "mixed" else f"{bits}-bit"
+        ax.set_title(f"{width} {f'g{gs}' if gs else 'per channel'} {grid}", fontsize=9)
         ax.set_xlabel("layer (forward order)")
         ax.set_ylabel("relative error")
         ax.grid(alpha=0.3)

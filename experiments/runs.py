@@ -46,13 +46,21 @@ def calibration_images(x_train: np.ndarray, size: int, seed: int) -> np.ndarray:
 class Run:
     """One whole-model quantization: ``method`` on the ``grid`` alphabet at ``bits``, with one
     step per ``group_size`` inputs (None: per channel or layer, as the grid says) and, for
-    GPTQ, act-order (columns in descending order of the Hessian's diagonal)."""
+    GPTQ, act-order (columns in descending order of the Hessian's diagonal).
+
+    Mixed precision (the LM experiment): with ``budget`` (bits per weight, steps included)
+    each layer's width is chosen under that average (``quantize_params(budget_bits=)``;
+    ``bits`` is only the spec's placeholder); with ``first_bits`` the first half of the
+    blocks is at ``first_bits`` and the rest (and the layers outside the blocks) at ``bits``.
+    """
 
     method: str
     grid: str
     bits: Bits
     group_size: int | None = None
     act_order: bool = False
+    budget: float | None = None
+    first_bits: int | None = None
 
     @property
     def label(self) -> str:
@@ -60,9 +68,24 @@ class Run:
         return f"{self.method}-act" if self.act_order else self.method
 
     @property
+    def width(self) -> str:
+        """The width part of the name: "4", "b3.0" (budget) or "3first2" (split)."""
+        if self.budget is not None:
+            return f"b{float(self.budget)!r}"
+        if self.first_bits is not None:
+            return f"{self.first_bits}first{self.bits}"
+        return str(self.bits)
+
+    @property
     def name(self) -> str:
+        """ "gpfq_asym_4_g64", "gpfq_asym_b3.0_g64", "gpfq_asym_3first2_g64"."""
         groups = f"_g{self.group_size}" if self.group_size else ""
-        return f"{self.label}_{self.grid}_{self.bits}{groups}"
+        return f"{self.label}_{self.grid}_{self.width}{groups}"
+
+    @property
+    def mixed(self) -> bool:
+        """A budget or split run: its layers have different widths."""
+        return self.budget is not None or self.first_bits is not None
 
 
 def parse_method(label: str) -> tuple[str, bool]:
@@ -106,6 +129,11 @@ def successful(runs: Iterable[dict]) -> list[dict]:
     return [r for r in runs if "error" not in r]
 
 
+def is_mixed(record: dict) -> bool:
+    """A record of a mixed-precision run (a bits-per-weight budget or a split of the blocks)."""
+    return record.get("budget") is not None or record.get("split") is not None
+
+
 def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
     """An earlier run of the same method and grid with the same alphabet (the "int" grid at
     2 bits is ternary), whose result ``run`` can reuse; None if there is none."""
@@ -114,8 +142,8 @@ def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
         (
             e
             for e in earlier
-            if (e.method, e.grid, e.group_size, e.act_order)
-            == (run.method, run.grid, run.group_size, run.act_order)
+            if (e.method, e.grid, e.group_size, e.act_order, e.budget, e.first_bits)
+            == (run.method, run.grid, run.group_size, run.act_order, run.budget, run.first_bits)
             and make_alphabet(e.bits, e.grid) == alphabet
         ),
         None,
@@ -252,6 +280,7 @@ __all__ = [
     "calibration_images",
     "calibration_indices",
     "execute_run",
+    "is_mixed",
     "make_spec",
     "parse_bits",
     "parse_method",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -157,3 +158,79 @@ def test_recovered_share():
     assert lm_reports.recovered(30.0, 40.0, 20.0) == pytest.approx(0.5)
     assert lm_reports.recovered(45.0, 40.0, 20.0) == pytest.approx(-0.25)
     assert lm_reports.recovered(20.0, 20.0, 20.0) is None
+
+
+def test_mixed_run_names_and_the_setup_without_run_lists():
+    # Runs without a budget keep their names (a workdir's finished runs are matched by name).
+    assert runs.Run("gptq", "asym", 4, 64, True).name == "gptq-act_asym_4_g64"
+    assert runs.Run("gpfq", "int", 3).name == "gpfq_int_3"
+    assert runs.Run("gpfq", "asym", 8, 64, budget=3).name == "gpfq_asym_b3.0_g64"
+    assert runs.Run("gpfq", "asym", 2, 64, first_bits=3).name == "gpfq_asym_3first2_g64"
+    c = smollm2.get_config()
+    before = [r.name for r in lm_quantization.lm_runs(c.quant)]
+    c.quant.budgets, c.quant.split_points = ((3.0, 64), (2.5, 128)), ((3, 2, 64),)
+    grid = lm_quantization.lm_runs(c.quant)
+    assert [r.name for r in grid[: len(before)]] == before
+    extra = [r.name for r in grid[len(before) :]]
+    assert len(extra) == (2 + 2) * 2 * 4  # (budgets + both split orders) x grids x methods
+    assert extra[:2] == ["rtn_asym_b3.0_g64", "gptq_asym_b3.0_g64"]
+    assert "gpfq_int_b2.5_g128" in extra and "gpfq_asym_2first3_g64" in extra
+    assert all(r.bits == 8 for r in grid if r.budget is not None)
+    # The setup the code before the budget runs recorded: the config without methods, points
+    # and grids, from a config without the new keys. It must not change.
+    old = c.to_dict()
+    old["quant"] = {k: v for k, v in old["quant"].items()
+                    if k not in ("methods", "points", "grids", "budgets", "budget_candidates",
+                                 "split_points")}  # fmt: skip
+    assert lm_quantization.setup_config(c) == old
+
+
+def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path):
+    source, first = experiment
+    workdir = tmp_path / "workdir"
+    shutil.copytree(source, workdir)
+    # results.json as the code before the budget runs wrote it (no new keys in its setup).
+    saved = json.loads((workdir / "results.json").read_text())
+    for key in ("budgets", "budget_candidates", "split_points"):
+        saved["setup"]["quant"].pop(key, None)
+        saved["config"]["quant"].pop(key, None)
+    (workdir / "results.json").write_text(json.dumps(saved))
+    config = _config(files, ("gpfq",), grids=("asym",))
+    q = config.quant
+    q.budgets, q.budget_candidates, q.split_points = ((5.0, 16),), (3, 2), ((3, 2, 16),)
+    res = lm_quantization.lm_experiment(config, workdir)
+    by_name = {r["name"]: r for r in res["runs"]}
+    assert list(by_name) == ["gpfq_asym_3_g16", "gpfq_asym_b5.0_g16", "gpfq_asym_3first2_g16",
+                             "gpfq_asym_2first3_g16"]  # fmt: skip
+    kept = next(r for r in first["runs"] if r["name"] == "gpfq_asym_3_g16")
+    assert by_name["gpfq_asym_3_g16"]["resumed"]
+    assert by_name["gpfq_asym_3_g16"]["perplexity"] == kept["perplexity"]
+    budget = by_name["gpfq_asym_b5.0_g16"]
+    assert "error" not in budget, budget.get("error")
+    assert budget["budget"] == 5.0 and budget["bits"] == "mixed"
+    alloc = budget["allocation"]
+    assert budget["bits_per_weight"] <= 5.0
+    assert budget["bits_per_weight"] == pytest.approx(alloc["bits_per_weight"], rel=1e-9)
+    assert alloc["candidates"] == [2, 3] and alloc["total_error"] > 0
+    chosen = {a["layer"]: a["bits"] for a in alloc["layers"]}
+    assert chosen == {lay["layer"]: lay["bits"] for lay in budget["layers"]}
+    assert len(chosen) == 15 and len(set(chosen.values())) >= 2  # 2 bits: 4.125, 3: 5.19
+    assert all(a["params"] > 0 for a in alloc["layers"])
+    for name, first_bits, rest in (("3first2", 3, 2), ("2first3", 2, 3)):
+        r = by_name[f"gpfq_asym_{name}_g16"]
+        assert r["split"] == [first_bits, rest] and r["first_blocks"] == 1
+        for lay in r["layers"]:
+            assert lay["bits"] == (first_bits if lay["layer"].startswith("layers_0/") else rest)
+        assert 2 + 34 / 16 < r["bits_per_weight"] < 3 + 35 / 16  # all at 2 / all at 3 bits
+    text = (workdir / "results.md").read_text()
+    assert "## Mixed precision" in text and "layers at 2 |" in text
+    assert f"| gpfq_asym_b5.0_g16 | budget 5.0 | {budget['bits_per_weight']:.3f} |" in text
+    assert "| gpfq_asym_3first2_g16 | 3 then 2 bits |" in text
+    assert "| 3-bit g16 | asym |" in text  # the uniform table keeps its rows
+    assert "gpfq_asym_b5.0_g16" in (workdir / "layer_errors.md").read_text()
+    assert (workdir / "perplexity_vs_bits.png").is_file()
+    # A finished budget run is kept only when chosen from the same candidates.
+    assert lm_quantization.same_candidates(budget, q)
+    assert lm_quantization.same_candidates(by_name["gpfq_asym_3first2_g16"], q)
+    q.budget_candidates = (3, 2, 4)
+    assert not lm_quantization.same_candidates(budget, q)
