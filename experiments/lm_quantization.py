@@ -326,7 +326,12 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         results["float_checkpoint"] = save_float_checkpoint(workdir, setup.variables)
     logging.info("float perplexity: %.3f", results["float"]["perplexity"])
     finished = finished_runs(workdir, results, RESUME_KEYS)
-    for run in lm_runs(config.quant):
+    planned = lm_runs(config.quant)
+    # Finished runs of the same setup that this invocation does not list stay in the results
+    # (a workdir gathers its grid over several invocations; nothing recorded is dropped).
+    listed = {run.name for run in planned}
+    results["runs"] = [r for name, r in finished.items() if name not in listed]
+    for run in planned:
         record = finished.get(run.name)
         if record is None or not same_candidates(record, config.quant):
             record = quantize_lm_run(run, setup, config.quant, workdir)

@@ -141,11 +141,12 @@ def test_resume_keeps_finished_runs_and_records_a_failure(experiment, files, mon
     config = _config(files, ("rtn", "gptq", "gptq-act", "gpfq"), grids=("asym",))
     res = lm_quantization.lm_experiment(config, workdir)
     by_name = {r["name"]: r for r in res["runs"]}
-    assert list(by_name) == [f"{m}_asym_3_g16" for m in config.quant.methods]
+    # the earlier int-grid runs, not listed this time, are kept first; then the listed runs
+    carried = [r["name"] for r in first["runs"] if r["grid"] == "int"]
+    assert list(by_name) == carried + [f"{m}_asym_3_g16" for m in config.quant.methods]
     for r in first["runs"]:
-        if r["grid"] == "asym":
-            assert by_name[r["name"]]["resumed"]
-            assert by_name[r["name"]]["perplexity"] == r["perplexity"]
+        assert by_name[r["name"]]["resumed"]
+        assert by_name[r["name"]]["perplexity"] == r["perplexity"]
     assert by_name["gptq_asym_3_g16"]["error"] == "RuntimeError: injected"
     act = by_name["gptq-act_asym_3_g16"]
     assert "resumed" not in act and act["method"] == "gptq-act" and act["perplexity"] > 0
@@ -200,8 +201,10 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     q.budgets, q.budget_candidates, q.split_points = ((5.0, 16),), (3, 2), ((3, 2, 16),)
     res = lm_quantization.lm_experiment(config, workdir)
     by_name = {r["name"]: r for r in res["runs"]}
-    assert list(by_name) == ["gpfq_asym_3_g16", "gpfq_asym_b5.0_g16", "gpfq_asym_3first2_g16",
-                             "gpfq_asym_2first3_g16"]  # fmt: skip
+    # the listed runs come last; the earlier runs not listed now are kept before them
+    assert list(by_name)[-4:] == ["gpfq_asym_3_g16", "gpfq_asym_b5.0_g16",
+                                  "gpfq_asym_3first2_g16", "gpfq_asym_2first3_g16"]  # fmt: skip
+    assert {r["name"] for r in saved["runs"] if "error" not in r} <= set(by_name)
     kept = next(r for r in first["runs"] if r["name"] == "gpfq_asym_3_g16")
     assert by_name["gpfq_asym_3_g16"]["resumed"]
     assert by_name["gpfq_asym_3_g16"]["perplexity"] == kept["perplexity"]
