@@ -171,10 +171,22 @@ def standard_forms(model: Any, variables: Any, calib: Any, args: argparse.Namesp
 # --------------------------------------------------------------------------- models
 
 
+def accuracy_metric(x: Any, labels: np.ndarray) -> Callable[[Callable, Any, Any], float]:
+    """Top-1 accuracy of a jitted forward over images ``x`` (batches of 128) against ``labels``."""
+
+    def accuracy(fn: Callable, v: Any, _: Any) -> float:
+        logits = np.concatenate([np.asarray(fn(v, x[i : i + 128])) for i in range(0, len(x), 128)])
+        return float(np.mean(logits.argmax(-1) == labels))
+
+    return accuracy
+
+
 def mnist_mlp(args: argparse.Namespace) -> Bench:
-    """The committed MNIST MLP, random calibration images and batches."""
+    """The committed MNIST MLP, random calibration images; batches and the accuracy from the
+    first ``--eval_images`` MNIST test images (random images and no accuracy with ``--tiny``)."""
     import jax.numpy as jnp
 
+    from experiments import data
     from experiments.checkpoints import load_float_variables
     from experiments.models import MLP
 
@@ -183,9 +195,18 @@ def mnist_mlp(args: argparse.Namespace) -> Bench:
     rng = np.random.default_rng(0)
     calib = jnp.asarray(rng.uniform(size=(args.calib, 28, 28, 1)), jnp.float32)
     forms = standard_forms(model, variables, calib, args)
-    rng = np.random.default_rng(1)
-    batches = {b: jnp.asarray(rng.uniform(size=(b, 28, 28, 1)), jnp.float32) for b in args.batches}
-    return Bench(forms, batches, None, None, "images", {"model": "checkpoints/mnist_mlp"})
+    info: dict[str, Any] = {"model": "checkpoints/mnist_mlp"}
+    if args.tiny:
+        rng = np.random.default_rng(1)
+        batches = {b: jnp.asarray(rng.uniform(size=(b, 28, 28, 1)), jnp.float32)
+                   for b in args.batches}  # fmt: skip
+        return Bench(forms, batches, None, None, "images", info)
+    x_u8, y, source = data.load_split_with_source("mnist", "test", args.data_dir, False)
+    x = jnp.asarray(data.normalize(x_u8[: args.eval_images], "mnist"))
+    labels = np.asarray(y[: args.eval_images])
+    info |= {"images": source, "eval_images": int(len(labels))}
+    batches = {b: x[:b] for b in args.batches if b <= len(x)}
+    return Bench(forms, batches, "accuracy", accuracy_metric(x, labels), "images", info)
 
 
 def resnet20(args: argparse.Namespace) -> Bench:
@@ -231,13 +252,7 @@ def resnet20(args: argparse.Namespace) -> Bench:
     forms.append(Form("qwix int4, all layers", None, None, error=error))
     info |= {"eval_images": int(len(y)), "served_layers": "Dense_0 (final Dense); convs float"}
     batches = {b: x[:b] for b in args.batches if b <= len(x)}
-    labels = np.asarray(y)
-
-    def accuracy(fn: Callable, v: Any, _: Any) -> float:
-        logits = np.concatenate([np.asarray(fn(v, x[i : i + 128])) for i in range(0, len(x), 128)])
-        return float(np.mean(logits.argmax(-1) == labels))
-
-    return Bench(forms, batches, "accuracy", accuracy, "images", info)
+    return Bench(forms, batches, "accuracy", accuracy_metric(x, np.asarray(y)), "images", info)
 
 
 def smollm2(args: argparse.Namespace) -> Bench:
@@ -396,12 +411,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint", type=Path, default=None, help="smollm2: a gq.save_quantized directory"
     )
     p.add_argument("--eval_windows", type=int, default=4, help="smollm2: Emma windows scored")
-    p.add_argument("--eval_images", type=int, default=512, help="resnet20: test images scored")
+    p.add_argument("--eval_images", type=int, default=None,
+                   help="test images scored (mnist_mlp: 10,000; resnet20: 512)")  # fmt: skip
     p.add_argument("--data_dir", default=None, help="data directory (else $GPFQ_DATA_DIR)")
     p.add_argument("--tiny", action="store_true", help="random tiny model, no data: a smoke run")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     batches, repeats = DEFAULTS[args.model]
+    if args.eval_images is None:
+        args.eval_images = 10_000 if args.model == "mnist_mlp" else 512
     if args.tiny:
         batches, repeats = {"mnist_mlp": "1,16", "resnet20": "1,16", "smollm2": "1,2"}[
             args.model], 1  # fmt: skip
