@@ -35,7 +35,8 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-_COLORS = {"gpfq": "C0", "rtn": "C1", "gptq": "C2", "qronos": "C5"}
+_COLORS = {"gpfq": "C0", "rtn": "C1", "gptq": "C2", "qronos": "C5", "gpfq-act": "C4",
+           "gptq-act": "C3", "qronos-act": "C6"}  # fmt: skip
 _MARKERS = {"int": "o", "int_full": "s", "ls": "^", "zzs": "D"}
 
 
@@ -147,10 +148,6 @@ def plot_width_sweep(result: dict, path: str | os.PathLike) -> None:
     save_figure(fig, path)
 
 
-_LM_COLORS = {"rtn": "C1", "gptq": "C2", "gptq-act": "C3", "gpfq": "C0", "gpfq-act": "C4",
-              "qronos": "C5", "qronos-act": "C6"}  # fmt: skip
-
-
 def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
     """Perplexity (log scale) vs bits per weight (steps included), one line per (method,
     grid) of the uniform runs; mixed-precision runs as points at their achieved bits per
@@ -165,14 +162,14 @@ def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
             for r in runs
             if (r["method"], r["grid"]) == (m, g)
         )
-        ax.plot(*zip(*pts), marker="o" if g == "int" else "s", color=_LM_COLORS.get(m),
+        ax.plot(*zip(*pts), marker="o" if g == "int" else "s", color=_COLORS.get(m),
                 linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")  # fmt: skip
     mixed = [r for r in successful(results["runs"]) if is_mixed(r)]
     for m, g, budget in dict.fromkeys((r["method"], r["grid"], "budget" in r) for r in mixed):
         pts = [(r["bits_per_weight"], r["perplexity"]) for r in mixed
                if (r["method"], r["grid"], "budget" in r) == (m, g, budget)]  # fmt: skip
         ax.scatter(*zip(*pts), marker="*" if budget else "P", s=70 if budget else 45,
-                   color=_LM_COLORS.get(m), edgecolors="k", linewidths=0.4, zorder=3,
+                   color=_COLORS.get(m), edgecolors="k", linewidths=0.4, zorder=3,
                    label=f"{m.upper()} {g} {'budget' if budget else 'split'}")  # fmt: skip
     ax.axhline(results["float"]["perplexity"], color="k", linestyle="--", label="float")
     ax.set_yscale("log")
@@ -201,7 +198,7 @@ def plot_lm_layer_errors(results: dict, path: str | os.PathLike) -> None:
                 continue
             errs = [lay["rel_error"] for lay in r["layers"]]
             mixed = is_mixed(r)
-            ax.plot(errs, color=None if mixed else _LM_COLORS.get(r["method"]), linewidth=0.8,
+            ax.plot(errs, color=None if mixed else _COLORS.get(r["method"]), linewidth=0.8,
                     label=r["name"] if mixed else r["method"].upper())  # fmt: skip
         ax.set_yscale("log")
         width = "mixed" if bits == "mixed" else f"{bits}-bit"

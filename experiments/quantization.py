@@ -223,7 +223,14 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
     try:
         record, res = runs.execute_run(
             run,
-            runs.quantizer(setup.model, setup.variables, setup.calib, run.method, **options),
+            runs.quantizer(
+                setup.model,
+                setup.variables,
+                setup.calib,
+                run.method,
+                act_order=run.act_order,
+                **options,
+            ),  # fmt: skip
             setup.evaluate,
             scale=q.scale,
             c=q.get("c", 1.0),
@@ -236,7 +243,7 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
         logging.exception("run %s failed", run.name)
         return {
             "name": run.name,
-            "method": run.method,
+            "method": run.label,
             "grid": run.grid,
             "bits": run.bits,
             "error": f"{type(e).__name__}: {e}",

@@ -105,7 +105,8 @@ def run_grid(
     """methods x (grids x bits, then the ``extra`` (grid, bits) pairs), without duplicates."""
     pairs = [(g, parse_bits(b)) for g in grids for b in bits]
     pairs += [(g, parse_bits(b)) for g, b in extra]
-    runs = [Run(m, g, b) for m in methods for g, b in pairs]
+    labels = [parse_method(m) for m in methods]  # "gpfq-act": act-order
+    runs = [Run(m, g, b, act_order=act) for m, act in labels for g, b in pairs]
     return list(dict.fromkeys(runs))
 
 
@@ -253,7 +254,7 @@ def execute_run(
         c_choice = "val"
     record = {
         "name": run.name,
-        "method": run.method,
+        "method": run.label,
         **run_summary(res),
         "c_choice": c_choice,
         "val_accuracy": val,
