@@ -66,3 +66,22 @@ def test_layer_speed_quick(tmp_path: Path) -> None:
         assert isinstance(t["pass"], bool)
     for key in TARGETS:
         assert key in proc.stdout
+
+
+def test_method_speed_quick(tmp_path: Path) -> None:
+    """benchmarks/method_speed.py --quick: every method on the same layer, both specs, with the
+    ratio to GPFQ and the layer error; Qronos's error at most GPTQ's on these drifted inputs."""
+    out = tmp_path / "method_speed.json"
+    proc = run_script(ROOT / "benchmarks" / "method_speed.py", "--quick", "--repeats", "1",
+                      "--out", str(out), timeout=600)  # fmt: skip
+    assert "| layer | spec | method |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    methods = ("rtn", "gpfq", "gpfq-act", "gptq", "gptq-act", "qronos", "qronos-act")
+    assert [r["method"] for r in rows] == list(methods) * 2
+    for r in rows:
+        assert r["best_s"] > 0 and r["first_s"] > 0 and 0 < r["rel_error"] < 1
+    gpfq = [r for r in rows if r["method"] == "gpfq"]
+    assert all(r["x_gpfq"] == 1.0 for r in gpfq)
+    err = {(r["spec"], r["method"]): r["rel_error"] for r in rows}
+    for spec in {r["spec"] for r in rows}:
+        assert err[spec, "qronos"] <= err[spec, "gptq"] + 1e-6
