@@ -41,22 +41,22 @@ _MARKERS = {"int": "o", "int_full": "s", "ls": "^", "zzs": "D"}
 
 
 def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
-    """Test accuracy vs bits, one line per (method, grid); float as a horizontal line."""
+    """Test accuracy vs bits, one line per (method, grid, group size); float as a horizontal
+    line."""
     plt = _pyplot()
     runs = successful(results["runs"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
+    line = lambda r: (r["method"], r["grid"], r.get("group_size"))  # noqa: E731
+    for m, g, gs in dict.fromkeys(line(r) for r in runs):
         pts = sorted(
-            (bits_x(r["bits"]), 100 * r["test_accuracy"])
-            for r in runs
-            if (r["method"], r["grid"]) == (m, g)
+            (bits_x(r["bits"]), 100 * r["test_accuracy"]) for r in runs if line(r) == (m, g, gs)
         )
         ax.plot(
             *zip(*pts),
             marker=_MARKERS.get(g, "x"),
             color=_COLORS.get(m),
             linestyle="-" if g == "int" else ":",
-            label=f"{m.upper()} {g}",
+            label=f"{m.upper()} {g}" + (f" g{gs}" if gs else ""),
         )
     ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--", label="float")
     xs = sorted({r["bits"] for r in runs}, key=bits_x)
@@ -73,16 +73,17 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
     """Per-layer relative error, one panel per (grid, bits), one line per method."""
     plt = _pyplot()
     runs = [r for r in successful(results["runs"]) if "same_as" not in r]
+    panel = lambda r: (r["grid"], r["bits"], r.get("group_size") or 0)  # noqa: E731
     panels = sorted(
-        dict.fromkeys((r["grid"], r["bits"]) for r in runs),
-        key=lambda p: (p[0] != "int", p[0], bits_x(p[1])),
+        dict.fromkeys(panel(r) for r in runs),
+        key=lambda p: (p[0] != "int", p[0], bits_x(p[1]), p[2]),
     )
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, (g, b) in zip(axes.flat, panels):
+    for ax, (g, b, gs) in zip(axes.flat, panels):
         for r in runs:
-            if (r["grid"], r["bits"]) != (g, b):
+            if panel(r) != (g, b, gs):
                 continue
             errs = [lay["rel_error"] for lay in r["layers"]]
             ax.plot(
@@ -94,7 +95,7 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
             )
         names = [lay["layer"] for lay in runs[0]["layers"]]
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{g} {bits_label(b)}", fontsize=9)
+        ax.set_title(f"{g} {bits_label(b)}" + (f" g{gs}" if gs else ""), fontsize=9)
         ax.set_ylabel("relative error")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

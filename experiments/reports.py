@@ -21,8 +21,8 @@ def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
     in percent; a float row on top ("-" where a run is missing or failed)."""
     runs = successful(results["runs"])
     cols = sorted({r["bits"] for r in runs}, key=bits_x)
-    rows = list(dict.fromkeys((r["method"], r["grid"]) for r in runs))
-    cell = {(r["method"], r["grid"], r["bits"]): r[key] for r in runs}
+    rows = list(dict.fromkeys((r["method"], r["grid"], r.get("group_size")) for r in runs))
+    cell = {(r["method"], r["grid"], r.get("group_size"), r["bits"]): r[key] for r in runs}
     fl = results["float"].get(key)
     head = ["method", *(bits_label(b) for b in cols)]
     lines = [
@@ -30,8 +30,9 @@ def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
         _md_row(["---"] * len(head)),
         _md_row(["float", *([_pct(fl)] * len(cols))]),
     ]
-    for m, g in rows:
-        lines.append(_md_row([f"{m.upper()} {g}", *(_pct(cell.get((m, g, b))) for b in cols)]))
+    for m, g, gs in rows:
+        name = f"{m.upper()} {g}" + (f" g{gs}" if gs else "")
+        lines.append(_md_row([name, *(_pct(cell.get((m, g, gs, b))) for b in cols)]))
     return "\n".join(lines)
 
 

@@ -102,11 +102,12 @@ def run_grid(
     bits: Iterable[Bits],
     extra: Iterable[Sequence[Any]] = (),
 ) -> list[Run]:
-    """methods x (grids x bits, then the ``extra`` (grid, bits) pairs), without duplicates."""
-    pairs = [(g, parse_bits(b)) for g in grids for b in bits]
-    pairs += [(g, parse_bits(b)) for g, b in extra]
-    labels = [parse_method(m) for m in methods]  # "gpfq-act": act-order
-    runs = [Run(m, g, b, act_order=act) for m, act in labels for g, b in pairs]
+    """methods x (grids x bits, then the ``extra`` (grid, bits) or (grid, bits, group_size)
+    points), without duplicates. A method label may end in "-act" (act-order)."""
+    points = [(g, parse_bits(b), None) for g in grids for b in bits]
+    points += [(e[0], parse_bits(e[1]), e[2] if len(e) > 2 else None) for e in extra]
+    labels = [parse_method(m) for m in methods]
+    runs = [Run(m, g, b, gs, act_order=act) for m, act in labels for g, b, gs in points]
     return list(dict.fromkeys(runs))
 
 
@@ -255,6 +256,7 @@ def execute_run(
     record = {
         "name": run.name,
         "method": run.label,
+        "group_size": run.group_size,
         **run_summary(res),
         "c_choice": c_choice,
         "val_accuracy": val,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import quantization, runs
+from experiments import plots, quantization, reports, runs
 from experiments.models import MLP
 
 
@@ -44,3 +44,25 @@ def test_quantize_run_passes_act_order_and_records_the_label(tmp_path, monkeypat
         assert "error" not in record, record.get("error")
         assert record["method"] == run.label and record["test_accuracy"] > 0.5
     assert seen == [False, True]
+
+
+def test_group_size_points_are_their_own_runs_and_rows(tmp_path):
+    """``extra_runs`` may name (grid, bits, group_size): its own run, row and plot line."""
+    grid = runs.run_grid(("gpfq",), ("int",), (4,), (("asym", 4, 64),))
+    assert [(r.name, r.group_size) for r in grid] == [("gpfq_int_4", None), ("gpfq_asym_4_g64", 64)]
+    results = {
+        "float": {"test_accuracy": 0.9},
+        "model": "m",
+        "dataset": "d",
+        "runs": [
+            {"method": "gpfq", "grid": "int", "group_size": None, "bits": 4, "test_accuracy": 0.8,
+             "layers": [{"layer": "a", "rel_error": 0.1}]},
+            {"method": "gpfq", "grid": "int", "group_size": 64, "bits": 4, "test_accuracy": 0.85,
+             "layers": [{"layer": "a", "rel_error": 0.05}]},
+        ],
+    }  # fmt: skip
+    table = reports.accuracy_table(results)
+    assert "| GPFQ int | 80.00 |" in table and "| GPFQ int g64 | 85.00 |" in table
+    plots.plot_accuracy_vs_bits(results, tmp_path / "acc.png")
+    plots.plot_layer_errors(results, tmp_path / "layers.png")
+    assert (tmp_path / "acc.png").stat().st_size > 0 and (tmp_path / "layers.png").exists()
