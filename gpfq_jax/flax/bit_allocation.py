@@ -40,6 +40,7 @@ from gpfq_jax.flax.calibration import Calibration
 from gpfq_jax.flax.layer_step import accumulate, accumulator, reference_inputs, table_statistics
 from gpfq_jax.flax.rules import LayerPlan, Rule, as_rule, plan_layers
 from gpfq_jax.flax.schedule import LayerWalk, RunOptions
+from gpfq_jax.flax.sizes import layer_storage_bytes
 from gpfq_jax.flax.targets import Target, make_target
 from gpfq_jax.flax.tracing import LayerInfo
 
@@ -194,10 +195,7 @@ def _candidate_specs(layers: list[LayerInfo], plans: list[LayerPlan], candidates
 
 def result_bits(r: LayerResult, params: int) -> int:
     """A quantized layer's storage in bits, as ``size_report`` counts it (bytes x 8)."""
-    b = r.storage_bits
-    zeros = 0 if r.zero_point is None else math.ceil(np.size(r.zero_point) * b / 8)
-    step = np.size(r.step) * np.dtype(r.step.dtype).itemsize
-    return 8 * (math.ceil(params * b / 8) + step + zeros)
+    return 8 * layer_storage_bytes(params, r.storage_bits, r.step, r.zero_point)
 
 
 class FloatStatsWalk(LayerWalk):

@@ -56,6 +56,12 @@ def _step_bytes(step: Any, zero_point: Any, storage_bits: int) -> int:
     return _nbytes(step) + zeros
 
 
+def layer_storage_bytes(params: int, storage_bits: int, step: Any, zero_point: Any) -> int:
+    """A quantized layer's bytes as ``size_report`` counts them: ``params`` codes at
+    ``storage_bits``, its steps, and the asym grid's zero points at the codes' bits."""
+    return math.ceil(params * storage_bits / 8) + _step_bytes(step, zero_point, storage_bits)
+
+
 def _result_sizes(res: QuantizeResult) -> tuple[int, list[tuple]]:
     """(bytes of the other leaves, per layer (name, weights, storage bits, step bytes))."""
     kernels = {kernel_path(res.framework, r.path, r.kind) for r in res.layers}
