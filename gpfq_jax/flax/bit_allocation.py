@@ -37,7 +37,6 @@ from gpfq_jax.flax.activation_cache import ActivationCache
 from gpfq_jax.flax.blocks import Block, find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
 from gpfq_jax.flax.calibration import Calibration
-from gpfq_jax.flax.layer_step import accumulate, accumulator, reference_inputs, table_statistics
 from gpfq_jax.flax.rules import LayerPlan, Rule, as_rule, plan_layers
 from gpfq_jax.flax.schedule import LayerWalk, RunOptions
 from gpfq_jax.flax.sizes import layer_storage_bytes
@@ -211,33 +210,13 @@ class FloatStatsWalk(LayerWalk):
         if b is not None and self.frontier.block is not b:
             self.frontier.enter(b, self.batches, False)
         if not self.plans[i].skip:
-            self.measured[i] = self._measure(i, self._statistics(i, b))
+            stats = self._accumulated(i, b, False, input_means=False).acc.result()
+            self.measured[i] = self._measure(i, stats)
         if b is not None and self.last_of.get(i) is b:
             nxt = self.next_of.get(b.path)
             self.frontier.advance(b, False, nxt)
             if nxt is None:
                 self.cache.close()
-
-    def _statistics(self, i: int, b: Block | None) -> LayerStats:
-        layer, opt = self.layers[i], self.opt
-        group = self.groups.get(i, (i,))
-        if layer.kind == "embed":
-            return table_statistics(layer, opt.stats_dtype).acc.result()
-        if i in self.pending:
-            return self.pending.pop(i)
-        kernel = None if len(group) > 1 else self.target.float_kernel(layer)
-        seed = (opt.seed * 1_000_003 + group[0]) % 2**31
-        acc = accumulator(layer, kernel, stats_dtype=opt.stats_dtype, seed=seed,
-                          patch_fraction=opt.patch_fraction, mesh=opt.mesh)  # fmt: skip
-        if b is not None:
-            inputs = self.frontier.inputs(b, layer, False, self._captured(b))
-        else:
-            inputs = reference_inputs(self.target, layer, self.batches, False, opt.mesh)
-        stats = accumulate(acc, inputs, changed=False, input_means=False).acc.result()
-        for j in group:
-            if j > i:
-                self.pending[j] = stats
-        return stats
 
     def _measure(self, i: int, stats: LayerStats) -> tuple[list[float], list[int]]:
         layer, plan, opt = self.layers[i], self.plans[i], self.opt

@@ -194,31 +194,44 @@ class LayerWalk:
             and self.groups.get(j, (j,))[0] == j
         ]
 
+    def _accumulated(self, i: int, b: Block | None, changed: bool, input_means: bool) -> Any:
+        """Layer i's accumulated statistics: a table's (an embedding has no input data), the
+        ones an earlier layer of its shared-statistics group left in ``pending`` (with zero
+        seconds, as that layer was charged), or its captured inputs' (left in ``pending`` for
+        the group's later layers). ``changed``: the quantized stream differs from the float
+        one; ``input_means``: also accumulate the input means when a layer of the group
+        corrects its bias."""
+        layer, opt = self.layers[i], self.opt
+        group = self.groups.get(i, (i,))
+        if layer.kind == "embed":
+            return table_statistics(layer, opt.stats_dtype)
+        if i in self.pending:
+            return dataclasses.replace(self.pending.pop(i), capture_seconds=0.0,
+                                       stats_seconds=0.0, capture_first_seconds=0.0)  # fmt: skip
+        seed = (opt.seed * 1_000_003 + group[0]) % 2**31
+        kernel = None if len(group) > 1 else self.target.float_kernel(layer)
+        acc = accumulator(
+            layer, kernel, stats_dtype=opt.stats_dtype, patch_fraction=opt.patch_fraction,
+            seed=seed, mesh=opt.mesh,
+        )  # fmt: skip
+        if b is not None:
+            inputs = self.frontier.inputs(b, layer, changed, self._captured(b))
+        else:
+            inputs = reference_inputs(self.target, layer, self.batches, changed, opt.mesh)
+        means = input_means and any(
+            check_bias_correction(self.layers[j], opt.bias_correction) for j in group
+        )  # fmt: skip
+        acc = accumulate(acc, inputs, changed=changed, input_means=means)
+        for j in group:
+            if j > i:
+                self.pending[j] = acc
+        return acc
+
     def _quantize(self, i: int, b: Block | None, changed: bool) -> tuple[LayerRecord, Any]:
         layer, plan, opt = self.layers[i], self.plans[i], self.opt
         correct = check_bias_correction(layer, opt.bias_correction)
         group = self.groups.get(i, (i,))
-        seed = (opt.seed * 1_000_003 + group[0]) % 2**31
-        if layer.kind == "embed":  # a table: no input data (RTN only, see rules)
-            acc = table_statistics(layer, opt.stats_dtype)
-        elif i in self.pending:  # statistics accumulated for an earlier layer of the group
-            acc = dataclasses.replace(self.pending.pop(i), capture_seconds=0.0,
-                                      stats_seconds=0.0, capture_first_seconds=0.0)  # fmt: skip
-        else:
-            kernel = None if len(group) > 1 else self.target.float_kernel(layer)
-            acc_ = accumulator(
-                layer, kernel, stats_dtype=opt.stats_dtype, patch_fraction=opt.patch_fraction,
-                seed=seed, mesh=opt.mesh,
-            )  # fmt: skip
-            if b is not None:
-                inputs = self.frontier.inputs(b, layer, changed, self._captured(b))
-            else:
-                inputs = reference_inputs(self.target, layer, self.batches, changed, opt.mesh)
-            means = any(check_bias_correction(self.layers[j], opt.bias_correction) for j in group)
-            acc = accumulate(acc_, inputs, changed=changed, input_means=means)
-            for j in group:
-                if j > i:
-                    self.pending[j] = acc
+        acc = self._accumulated(i, b, changed, input_means=True)
         record = quantize_layer(
             self.target, layer, plan, acc, correct=correct, stats_dtype=opt.stats_dtype,
             mesh=opt.mesh, key=jax.random.fold_in(opt.key, i), block_size=opt.block_size,
