@@ -9,7 +9,9 @@ measured). It does not train: without the checkpoint it stops and names the trai
 
 The other configs call :func:`experiment` (or :func:`imagenet`) with what makes them
 different (Flax examples' style: ``from configs import default``); everything else, and what
-each field means, is defined once here.
+each field means, is defined once here. Mixed precision is off by default; e.g.
+``--config.quant.budgets="((3.0, None),)"`` adds one run per method x grid whose layer widths
+are chosen under 3.0 bits per weight (steps included).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def quant(**overrides: Any) -> ml_collections.ConfigDict:
     q.grids = ("int",)
     # Besides grids x bits, these (grid, bits) pairs are run for every method.
     q.extra_runs = ()
+    # Mixed precision (experiments/quantization.py docstring): (bits per weight, group size)
+    # pairs, each adding one run per method x grid after the uniform runs ("gpfq_int_b3.0";
+    # group size None: the grid's per-channel or per-layer steps). Each layer's width comes from
+    # budget_candidates so that the average storage (codes, float32 steps, zero points) stays
+    # within the budget: per channel the steps add 32 / fan_in bits per weight, so the floor
+    # (every layer at 2 bits) is a little above 2. E.g. ((3.0, None), (2.5, None)).
+    q.budgets = ()
+    q.budget_candidates = (2, 3, 4, 8)
     q.scale = "search"  # c chosen per layer from the calibration statistics
     q.c = 1.0  # centre of the search (or the constant itself for a fixed rule)
     # None: the grid's default (per channel for int/int_full, per layer for ls/zzs)

@@ -6,7 +6,8 @@ config and a workdir:
 
 - ``training.train_and_evaluate(config, workdir)``: train a float model (``train.py``).
 - ``quantization.quantize_experiment(config, workdir)``: quantize a float model with every
-  method x alphabet of the config, evaluate and report (``quantize.py``).
+  method x alphabet of the config (and every bits-per-weight budget, each layer's width
+  chosen under it), evaluate and report (``quantize.py``).
 - ``width_sweep.width_sweep_experiment(config, workdir)``: one layer's error vs its width.
 
 One concept a module: datasets (``data``; ``mnist``, ``cifar`` and ``data_cache`` below it),

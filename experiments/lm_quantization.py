@@ -52,6 +52,7 @@ from experiments import data, gguf_llama, lm_reports, lm_text, paths, plots, run
 from experiments.llama import Llama, param_count
 from experiments.perplexity import perplexity
 from experiments.quantization import add_record, finished_runs, machine, save_run
+from experiments.runs import linear_bits_per_weight, mixed_fields, mixed_kwargs, split_rules
 from experiments.tokenizer import tokenizer_from_gguf
 from gpfq_jax.atomic import atomic_path, write_json_atomic, write_text_atomic
 from gpfq_jax.flax.sizes import directory_bytes
@@ -121,53 +122,10 @@ def lm_runs(q: ConfigDict) -> list[runs.Run]:
     return list(dict.fromkeys(out))
 
 
-def split_rules(run: runs.Run, n_layers: int) -> list[gq.Rule]:
-    """The rule of a split run: the first ``n_layers // 2`` blocks at ``run.first_bits``."""
-    if n_layers < 2:
-        raise ValueError(f"a split run needs at least 2 blocks, the model has {n_layers}")
-    first = "|".join(str(i) for i in range(n_layers // 2))
-    return [gq.Rule(f"^layers_({first})/", bits=run.first_bits)]
-
-
-def mixed_kwargs(run: runs.Run, setup: LMSetup, q: ConfigDict) -> dict[str, Any]:
-    """``quantize_params`` keywords of a mixed-precision run (budget or split rules)."""
-    if run.budget is not None:
-        return {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
-    if run.first_bits is not None:
-        return {"rules": split_rules(run, setup.model.config.n_layers)}
-    return {}
-
-
-def mixed_fields(run: runs.Run, res: gq.QuantizeResult, setup: LMSetup) -> dict[str, Any]:
-    """The record fields of a mixed-precision run: ``budget`` and ``allocation``, or
-    ``split`` [first bits, other bits] and ``first_blocks``; ``bits`` is "mixed"."""
-    out: dict[str, Any] = {"bits": "mixed"}
-    alloc = res.bit_allocation
-    if alloc is not None:
-        out["budget"] = run.budget
-        out["allocation"] = {
-            "budget_bits": alloc.budget_bits, "candidates": list(alloc.candidates),
-            "bits_per_weight": alloc.bits_per_weight,
-            "min_bits_per_weight": alloc.min_bits_per_weight,
-            "total_error": alloc.total_error, "exact": alloc.exact, "seconds": alloc.seconds,
-            "layers": alloc.summary(),
-        }  # fmt: skip
-    if run.first_bits is not None:
-        out["split"] = [run.first_bits, run.bits]
-        out["first_blocks"] = setup.model.config.n_layers // 2
-    return out
-
-
 def same_candidates(record: dict, q: ConfigDict) -> bool:
     """Whether a finished budget run chose from ``q.budget_candidates`` (others: True)."""
     alloc = record.get("allocation")
     return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
-
-
-def linear_bits_per_weight(size: dict) -> float:
-    """Storage bits per quantized weight, steps and zero points included."""
-    weights = sum(lay["params"] for lay in size["layers"])
-    return 8 * (size["codes_bytes"] + size["scales_bytes"]) / weights
 
 
 def peak_rss_bytes() -> int:

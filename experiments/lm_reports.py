@@ -11,7 +11,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.runs import is_mixed, successful
+from experiments.reports import fmt_ppl as _ppl
+from experiments.reports import layer_widths, mixed_label, mixed_layer_lines, mixed_table
+from experiments.runs import is_mixed, successful, uniform
 
 
 def _row(cells: Sequence[Any]) -> str:
@@ -33,22 +35,11 @@ def _key(r: dict) -> tuple:
     return (r["bits"], r.get("group_size"), r["grid"])
 
 
-def _ppl(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
-
-
 def recovered(ppl: float, rtn: float, float_ppl: float) -> float | None:
     """Share of RTN's perplexity increase over float that ``ppl`` removes (None if RTN has
     no increase)."""
     gap = rtn - float_ppl
     return None if gap <= 0 else 1 - (ppl - float_ppl) / gap
-
-
-def uniform(runs: list[dict]) -> list[dict]:
-    """The successful runs at one width (not budget or split runs)."""
-    return [r for r in successful(runs) if not is_mixed(r)]
 
 
 def perplexity_table(results: dict) -> str:
@@ -75,40 +66,6 @@ def perplexity_table(results: dict) -> str:
             cells.append(_ppl(r["perplexity"]) + ("" if share is None else f" ({share:.0%})"))
         label = point_label({"bits": bits, "group_size": gs})
         lines.append(_row([label, grid, bpw, *cells]))
-    return "\n".join(lines)
-
-
-def layer_widths(run: dict) -> dict[int, int]:
-    """Bit width -> number of layers at it, of a mixed-precision run's record."""
-    out: dict[int, int] = {}
-    for lay in run["layers"]:
-        out[lay["bits"]] = out.get(lay["bits"], 0) + 1
-    return out
-
-
-def mixed_label(run: dict) -> str:
-    """ "budget 3.0" or "3 then 2 bits" (first half of the blocks, then the rest)."""
-    if run.get("budget") is not None:
-        return f"budget {run['budget']}"
-    first, rest = run["split"]
-    return f"{first} then {rest} bits"
-
-
-def mixed_table(results: dict) -> str:
-    """The budget and split runs: budget, achieved bits per weight, perplexity, summed
-    squared relative error of the run's layers, and the number of layers at each width."""
-    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
-    widths = sorted({b for r in runs for b in layer_widths(r)})
-    head = ["run", "widths", "bits/weight", "perplexity", "sum rel. error²",
-            *(f"layers at {b}" for b in widths)]  # fmt: skip
-    lines = [_row(head), _row(["---"] * len(head))]
-    for r in runs:
-        count = layer_widths(r)
-        lines.append(_row([
-            r["name"], mixed_label(r), f"{r['bits_per_weight']:.3f}", _ppl(r["perplexity"]),
-            f"{sum(lay['rel_error'] ** 2 for lay in r['layers']):.4f}",
-            *(count.get(b, 0) for b in widths),
-        ]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -235,20 +192,6 @@ def layer_error_markdown(results: dict) -> str:
             lines.append(_row([n, *(f"{e[n]:.4f}" if n in e else "-" for e in errs)]))
         lines.append("")
     return "\n".join(lines + mixed_layer_lines(results))
-
-
-def mixed_layer_lines(results: dict) -> list[str]:
-    """Every layer (rows) x mixed-precision run (columns): error (bits)."""
-    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
-    if not runs:
-        return []
-    head = ["layer", *(r["name"] for r in runs)]
-    cells = [{lay["layer"]: f"{lay['rel_error']:.4f} ({lay['bits']})" for lay in r["layers"]}
-             for r in runs]  # fmt: skip
-    lines = ["## Mixed precision: error (bits)", "", _row(head), _row(["---"] * len(head))]
-    for n in dict.fromkeys(lay["layer"] for r in runs for lay in r["layers"]):
-        lines.append(_row([n, *(c.get(n, "-") for c in cells)]))
-    return lines + [""]
 
 
 __all__ = [

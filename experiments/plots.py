@@ -1,4 +1,5 @@
-"""Plots (matplotlib, Agg backend, png): accuracy vs bits, per-layer error, the width sweep.
+"""Plots (matplotlib, Agg backend, png): accuracy (or perplexity) vs bits, with mixed-precision
+runs as points (one code path for both experiments), per-layer error, the width sweep.
 
 Each function renders a results dict into a png written atomically (``gpfq_jax.atomic``).
 """
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from experiments.reports import fmt_slope
-from experiments.runs import bits_label, bits_x, is_mixed, successful
+from experiments.runs import bits_label, bits_x, is_mixed, successful, uniform
 from gpfq_jax.atomic import atomic_path
 
 
@@ -41,16 +42,17 @@ _MARKERS = {"int": "o", "int_full": "s", "ls": "^", "zzs": "D"}
 
 
 def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
-    """Test accuracy vs bits, one line per (method, grid, group size); float as a horizontal
-    line."""
+    """Test accuracy vs bits, one line per (method, grid, group size) of the uniform runs;
+    float as a horizontal line. With mixed-precision (budget) runs, every run sits at its
+    bits per weight (steps included) and the budget runs are points (:func:`_mixed_points`)."""
     plt = _pyplot()
-    runs = successful(results["runs"])
+    runs = uniform(results["runs"])
+    mixed = [r for r in successful(results["runs"]) if is_mixed(r)]
+    x = (lambda r: r["bits_per_weight"]) if mixed else (lambda r: bits_x(r["bits"]))  # noqa: E731
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     line = lambda r: (r["method"], r["grid"], r.get("group_size"))  # noqa: E731
     for m, g, gs in dict.fromkeys(line(r) for r in runs):
-        pts = sorted(
-            (bits_x(r["bits"]), 100 * r["test_accuracy"]) for r in runs if line(r) == (m, g, gs)
-        )
+        pts = sorted((x(r), 100 * r["test_accuracy"]) for r in runs if line(r) == (m, g, gs))
         ax.plot(
             *zip(*pts),
             marker=_MARKERS.get(g, "x"),
@@ -58,10 +60,14 @@ def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
             linestyle="-" if g == "int" else ":",
             label=f"{m.upper()} {g}" + (f" g{gs}" if gs else ""),
         )
+    _mixed_points(ax, mixed, lambda r: 100 * r["test_accuracy"])
     ax.axhline(100 * results["float"]["test_accuracy"], color="k", linestyle="--", label="float")
-    xs = sorted({r["bits"] for r in runs}, key=bits_x)
-    ax.set_xticks([bits_x(b) for b in xs], ["tern." if b == "ternary" else str(b) for b in xs])
-    ax.set_xlabel("bits")
+    if mixed:
+        ax.set_xlabel("bits per weight (codes + steps + zero points)")
+    else:
+        xs = sorted({r["bits"] for r in runs}, key=bits_x)
+        ax.set_xticks([bits_x(b) for b in xs], ["tern." if b == "ternary" else str(b) for b in xs])
+        ax.set_xlabel("bits")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{results['model']} / {results['dataset']}")
     ax.grid(alpha=0.3)
@@ -69,14 +75,27 @@ def plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
     save_figure(fig, path)
 
 
+def _mixed_points(ax: Any, runs: list[dict], y: Any) -> None:
+    """Mixed-precision runs as points at their achieved bits per weight and ``y(record)``
+    (star: budget, plus: split), one legend entry per (method, grid, kind)."""
+    for m, g, budget in dict.fromkeys((r["method"], r["grid"], "budget" in r) for r in runs):
+        pts = [(r["bits_per_weight"], y(r)) for r in runs
+               if (r["method"], r["grid"], "budget" in r) == (m, g, budget)]  # fmt: skip
+        ax.scatter(*zip(*pts), marker="*" if budget else "P", s=70 if budget else 45,
+                   color=_COLORS.get(m), edgecolors="k", linewidths=0.4, zorder=3,
+                   label=f"{m.upper()} {g} {'budget' if budget else 'split'}")  # fmt: skip
+
+
 def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
-    """Per-layer relative error, one panel per (grid, bits), one line per method."""
+    """Per-layer relative error, one panel per (grid, bits), one line per method (budget runs:
+    one panel per (grid, groups), one line per run)."""
     plt = _pyplot()
     runs = [r for r in successful(results["runs"]) if "same_as" not in r]
     panel = lambda r: (r["grid"], r["bits"], r.get("group_size") or 0)  # noqa: E731
+    at = lambda b: math.inf if b == "mixed" else bits_x(b)  # noqa: E731
     panels = sorted(
         dict.fromkeys(panel(r) for r in runs),
-        key=lambda p: (p[0] != "int", p[0], bits_x(p[1]), p[2]),
+        key=lambda p: (p[0] != "int", p[0], at(p[1]), p[2]),
     )
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
@@ -86,16 +105,18 @@ def plot_layer_errors(results: dict, path: str | os.PathLike) -> None:
             if panel(r) != (g, b, gs):
                 continue
             errs = [lay["rel_error"] for lay in r["layers"]]
+            mixed = is_mixed(r)
             ax.plot(
                 range(len(errs)),
                 errs,
                 marker="o",
-                color=_COLORS.get(r["method"]),
-                label=r["method"].upper(),
+                color=None if mixed else _COLORS.get(r["method"]),
+                label=r["name"] if mixed else r["method"].upper(),
             )
         names = [lay["layer"] for lay in runs[0]["layers"]]
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{g} {bits_label(b)}" + (f" g{gs}" if gs else ""), fontsize=9)
+        width = "mixed" if b == "mixed" else bits_label(b)
+        ax.set_title(f"{g} {width}" + (f" g{gs}" if gs else ""), fontsize=9)
         ax.set_ylabel("relative error")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -155,7 +176,7 @@ def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
     weight (star: budget, plus: split), one legend entry per (method, grid, kind); float as
     a horizontal line."""
     plt = _pyplot()
-    runs = [r for r in successful(results["runs"]) if not is_mixed(r)]
+    runs = uniform(results["runs"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m, g in dict.fromkeys((r["method"], r["grid"]) for r in runs):
         pts = sorted(
@@ -166,12 +187,7 @@ def plot_perplexity_vs_bits(results: dict, path: str | os.PathLike) -> None:
         ax.plot(*zip(*pts), marker="o" if g == "int" else "s", color=_COLORS.get(m),
                 linestyle="-" if g == "int" else ":", label=f"{m.upper()} {g}")  # fmt: skip
     mixed = [r for r in successful(results["runs"]) if is_mixed(r)]
-    for m, g, budget in dict.fromkeys((r["method"], r["grid"], "budget" in r) for r in mixed):
-        pts = [(r["bits_per_weight"], r["perplexity"]) for r in mixed
-               if (r["method"], r["grid"], "budget" in r) == (m, g, budget)]  # fmt: skip
-        ax.scatter(*zip(*pts), marker="*" if budget else "P", s=70 if budget else 45,
-                   color=_COLORS.get(m), edgecolors="k", linewidths=0.4, zorder=3,
-                   label=f"{m.upper()} {g} {'budget' if budget else 'split'}")  # fmt: skip
+    _mixed_points(ax, mixed, lambda r: r["perplexity"])
     ax.axhline(results["float"]["perplexity"], color="k", linestyle="--", label="float")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + steps + zero points)")

@@ -5,6 +5,15 @@ bits + extra_runs) run of ``config.quant``, evaluates each on the validation and
 saves it and writes, atomically after every run, ``results.json``, ``results.md``,
 ``accuracy_vs_bits.png``, ``layer_errors.png`` and ``quantized/<run>/`` into ``workdir``. A
 failed run is recorded with its error and the others go on; the float checkpoint is only read.
+
+Mixed precision: each (bits per weight, group size) pair of ``quant.budgets`` adds one run per
+method x grid after the uniform ones (``gpfq_int_b3.0``), whose layer widths
+``gq.quantize_params(budget_bits=, budget_candidates=quant.budget_candidates)`` chooses under
+that average (codes, float32 steps and zero points). Its record holds ``budget``,
+``allocation`` and each layer's ``bits`` (as in the LM experiment, ``runs.mixed_fields``);
+every record holds ``bits_per_weight`` (achieved, steps included). results.md gets a "Mixed
+precision" section; the accuracy plot then puts every run at its bits per weight, budget runs
+as stars. An infeasible budget is a failed run whose error names the minimum.
 """
 
 from __future__ import annotations
@@ -77,7 +86,8 @@ def quantize_experiment(
     q = config.quant
     done: dict[runs.Run, dict] = {}
     finished = finished_runs(workdir, results)
-    grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or ())
+    grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or (),
+                         q.get("budgets") or (), q.get("budget_candidates") or (8,))  # fmt: skip
     for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
         twin = runs.same_alphabet(run, done)
         if twin is not None:
@@ -211,7 +221,9 @@ def machine() -> dict[str, Any]:
 
 
 def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> dict[str, Any]:
-    """Quantize, evaluate and save one run; its record (with ``error`` if it failed)."""
+    """Quantize, evaluate and save one run; its record (with ``error`` if it failed), with
+    ``bits_per_weight`` (steps and zero points included) and, for a budget run, the fields of
+    ``runs.mixed_fields``."""
     options = {
         "batch_size": q.calib_batch_size,
         "progress": False,
@@ -230,6 +242,7 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
                 run.method,
                 act_order=run.act_order,
                 **options,
+                **runs.mixed_kwargs(run, setup, q),
             ),  # fmt: skip
             setup.evaluate,
             scale=q.scale,
@@ -237,6 +250,10 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
             per_channel=q.get("per_channel"),
             c_grid_val=q.get("c_grid_val"),
         )
+        size = gq.size_report(res, setup.variables)
+        record["bits_per_weight"] = runs.linear_bits_per_weight(size)
+        if run.mixed:
+            record.update(runs.mixed_fields(run, res, setup))
         if q.get("save_quantized", True):
             record["checkpoint"] = paths.relative_path(save_run(workdir, run.name, res), workdir)
     except Exception as e:  # keep going; the failure is recorded in the results
@@ -245,7 +262,9 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
             "name": run.name,
             "method": run.label,
             "grid": run.grid,
-            "bits": run.bits,
+            "bits": "mixed" if run.mixed else run.bits,
+            "group_size": run.group_size,
+            **({"budget": run.budget} if run.budget is not None else {}),
             "error": f"{type(e).__name__}: {e}",
         }
     logging.info(

@@ -1,4 +1,5 @@
-"""Markdown reports: the accuracy and run tables of ``results.md`` and the width sweep's table.
+"""Markdown reports: the accuracy and run tables of ``results.md``, the mixed-precision tables
+(shared with ``experiments.lm_reports``) and the width sweep's table.
 
 Each function renders a results dict (as ``results.json`` / ``width_sweep.json`` hold it) into
 text; nothing here computes or writes.
@@ -9,17 +10,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.runs import bits_label, bits_x, successful
+from experiments.runs import bits_label, bits_x, is_mixed, successful, uniform
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def fmt_ppl(x: float | None) -> str:
+    """A perplexity: 2 decimals, 3 significant digits from 10,000 on, "-" for None."""
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def _bpw(r: dict) -> str:
+    return f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-"
+
+
 def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
     """Markdown table: one row per (method, grid), one column per bit width, cells = accuracy
-    in percent; a float row on top ("-" where a run is missing or failed)."""
-    runs = successful(results["runs"])
+    in percent; a float row on top ("-" where a run is missing or failed). Uniform runs only
+    (the mixed-precision ones are in :func:`mixed_table`)."""
+    runs = uniform(results["runs"])
     cols = sorted({r["bits"] for r in runs}, key=bits_x)
     rows = list(dict.fromkeys((r["method"], r["grid"], r.get("group_size")) for r in runs))
     cell = {(r["method"], r["grid"], r.get("group_size"), r["bits"]): r[key] for r in runs}
@@ -37,12 +50,14 @@ def accuracy_table(results: dict, key: str = "test_accuracy") -> str:
 
 
 def runs_table(results: dict) -> str:
-    """Markdown table of every run: levels, storage bits, val/test accuracy, per-layer relative
-    error, chosen c (mean over channels) and the capture/stats/quant seconds."""
+    """Markdown table of every run: levels, storage bits, bits per weight (steps included),
+    val/test accuracy, per-layer relative error, chosen c (mean over channels) and the
+    capture/stats/quant seconds ("mixed" levels and storage bits for a mixed-precision run)."""
     head = [
         "run",
         "levels",
         "storage bits",
+        "bits/weight",
         "val %",
         "test %",
         "rel. error per layer",
@@ -67,12 +82,14 @@ def runs_table(results: dict) -> str:
         s = r["seconds"]
         errs = " / ".join(f"{lay['rel_error']:.3f}" for lay in r["layers"])
         c = " / ".join(f"{lay['c']:.2f}" for lay in r["layers"])
+        mixed = is_mixed(r)
         lines.append(
             _md_row(
                 [
                     r["name"],
-                    r["levels"],
-                    r["storage_bits"],
+                    "mixed" if mixed else r["levels"],
+                    "mixed" if mixed else r["storage_bits"],
+                    _bpw(r),
                     _pct(r["val_accuracy"]),
                     _pct(r["test_accuracy"]),
                     errs,
@@ -89,6 +106,118 @@ def runs_table(results: dict) -> str:
 
 def _md_row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def layer_widths(run: dict) -> dict[int, int]:
+    """Bit width -> number of layers at it, of a mixed-precision run's record."""
+    out: dict[int, int] = {}
+    for lay in run["layers"]:
+        out[lay["bits"]] = out.get(lay["bits"], 0) + 1
+    return out
+
+
+def mixed_label(run: dict) -> str:
+    """ "budget 3.0" or "3 then 2 bits" (first half of the blocks, then the rest)."""
+    if run.get("budget") is not None:
+        return f"budget {run['budget']}"
+    first, rest = run["split"]
+    return f"{first} then {rest} bits"
+
+
+# The scores of a mixed-precision table: (column, record key, format), shown when a run has it
+# (perplexity in the LM experiment, val and test accuracy in the vision one).
+_SCORES = (
+    ("perplexity", "perplexity", fmt_ppl),
+    ("val %", "val_accuracy", _pct),
+    ("test %", "test_accuracy", _pct),
+)
+
+
+def mixed_table(results: dict) -> str:
+    """The budget and split runs: budget, achieved bits per weight, scores (perplexity, or
+    val and test accuracy), summed squared relative error of the run's layers, and the number
+    of layers at each width."""
+    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
+    widths = sorted({b for r in runs for b in layer_widths(r)})
+    scores = [s for s in _SCORES if any(s[1] in r for r in runs)]
+    head = ["run", "widths", "bits/weight", *(s[0] for s in scores), "sum rel. error²",
+            *(f"layers at {b}" for b in widths)]  # fmt: skip
+    lines = [_md_row(head), _md_row(["---"] * len(head))]
+    for r in runs:
+        count = layer_widths(r)
+        lines.append(_md_row([
+            r["name"], mixed_label(r), f"{r['bits_per_weight']:.3f}",
+            *(fmt(r.get(key)) for _, key, fmt in scores),
+            f"{sum(lay['rel_error'] ** 2 for lay in r['layers']):.4f}",
+            *(count.get(b, 0) for b in widths),
+        ]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def mixed_layer_lines(results: dict) -> list[str]:
+    """Every layer (rows) x mixed-precision run (columns): error (bits)."""
+    runs = [r for r in successful(results["runs"]) if is_mixed(r)]
+    if not runs:
+        return []
+    head = ["layer", *(r["name"] for r in runs)]
+    cells = [{lay["layer"]: f"{lay['rel_error']:.4f} ({lay['bits']})" for lay in r["layers"]}
+             for r in runs]  # fmt: skip
+    lines = ["## Mixed precision: error (bits)", "", _md_row(head), _md_row(["---"] * len(head))]
+    for n in dict.fromkeys(lay["layer"] for r in runs for lay in r["layers"]):
+        lines.append(_md_row([n, *(c.get(n, "-") for c in cells)]))
+    return lines + [""]
+
+
+def uniform_neighbours_table(results: dict) -> str:
+    """Each mixed-precision run beside the uniform runs of its method, grid and group size
+    nearest its achieved bits per weight: the widest at or below it and the narrowest above
+    it (cells: run, bits per weight, test accuracy; "-" where there is none)."""
+    done = successful(results["runs"])
+    flat = [r for r in uniform(done) if "bits_per_weight" in r and "same_as" not in r]
+    line = lambda r: (r["method"], r["grid"], r.get("group_size"))  # noqa: E731
+
+    def cell(u: dict | None) -> str:
+        return "-" if u is None else f"{u['name']}: {_bpw(u)}, {_pct(u['test_accuracy'])}%"
+
+    head = ["run", "bits/weight", "test %", "uniform at or below", "uniform above"]
+    lines = [_md_row(head), _md_row(["---"] * len(head))]
+    for r in (r for r in done if is_mixed(r)):
+        same = [u for u in flat if line(u) == line(r)]
+        bpw = r["bits_per_weight"]
+        below = max((u for u in same if u["bits_per_weight"] <= bpw),
+                    key=lambda u: u["bits_per_weight"], default=None)  # fmt: skip
+        above = min((u for u in same if u["bits_per_weight"] > bpw),
+                    key=lambda u: u["bits_per_weight"], default=None)  # fmt: skip
+        lines.append(_md_row([r["name"], f"{bpw:.3f}", _pct(r["test_accuracy"]), cell(below),
+                              cell(above)]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def budget_section(results: dict) -> list[str]:
+    """The "Mixed precision" lines of a vision results.md (none without budget runs): the
+    budget runs, each beside its nearest uniform runs, and every layer's error and width."""
+    if not any(is_mixed(r) for r in successful(results["runs"])):
+        return []
+    return [
+        "## Mixed precision",
+        "",
+        "Budget runs choose each layer's width under an average bits per weight (codes, "
+        "float32 steps and zero points, as size_report counts them; bits/weight is the "
+        "achieved one, counted the same way for the uniform runs). The error sum is over the "
+        "layers of the run (sequential quantization).",
+        "",
+        mixed_table(results),
+        "",
+        "The uniform runs of the same method, grid and groups nearest each budget run's "
+        "bits per weight:",
+        "",
+        uniform_neighbours_table(results),
+        "",
+        *mixed_layer_lines(results),
+    ]
 
 
 def results_markdown(results: dict) -> str:
@@ -120,6 +249,7 @@ def results_markdown(results: dict) -> str:
         "",
         accuracy_table(results, "val_accuracy"),
         "",
+        *budget_section(results),
         "## Runs",
         "",
         "Seconds are the whole-model quantization (captures + statistics + quantization, "
@@ -203,4 +333,17 @@ def _slopes(slopes: dict[str, float | None]) -> str:
     return ", ".join(f"{m.upper()} {fmt_slope(v)}" for m, v in slopes.items())
 
 
-__all__ = ["accuracy_table", "fmt_slope", "results_markdown", "runs_table", "width_sweep_markdown"]
+__all__ = [
+    "accuracy_table",
+    "budget_section",
+    "fmt_ppl",
+    "fmt_slope",
+    "layer_widths",
+    "mixed_label",
+    "mixed_layer_lines",
+    "mixed_table",
+    "results_markdown",
+    "runs_table",
+    "uniform_neighbours_table",
+    "width_sweep_markdown",
+]

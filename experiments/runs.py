@@ -1,10 +1,12 @@
 """One quantization run and the grid of them: calibration sampling, the (method, grid, bits)
 runs of a config, and quantizing + evaluating one run into a record.
 
-A *run* is one (method, grid, bits) triple quantizing the whole model. Its record is a dict
-that goes into ``results.json`` as it is (``experiments.quantization`` drives the runs;
-``experiments.reports`` and ``experiments.plots`` render the records). Everything here is a
-plain function (arrays and dicts in, dicts out), testable without the CLI.
+A *run* is one (method, grid, bits) triple quantizing the whole model, or a mixed-precision
+run (a bits-per-weight budget, or the LM experiment's split of the blocks). Its record is a
+dict that goes into ``results.json`` as it is (``experiments.quantization`` and
+``experiments.lm_quantization`` drive the runs; ``experiments.reports`` and
+``experiments.plots`` render the records). Everything here is a plain function (arrays and
+dicts in, dicts out), testable without the CLI.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class Run:
     step per ``group_size`` inputs (None: per channel or layer, as the grid says) and, for
     GPTQ, act-order (columns in descending order of the Hessian's diagonal).
 
-    Mixed precision (the LM experiment): with ``budget`` (bits per weight, steps included)
+    Mixed precision: with ``budget`` (bits per weight, steps included; both experiments)
     each layer's width is chosen under that average (``quantize_params(budget_bits=)``;
-    ``bits`` is only the spec's placeholder); with ``first_bits`` the first half of the
-    blocks is at ``first_bits`` and the rest (and the layers outside the blocks) at ``bits``.
+    ``bits`` is only the spec's placeholder, the largest candidate); with ``first_bits`` (the
+    LM experiment) the first half of the blocks is at ``first_bits`` and the rest (and the
+    layers outside the blocks) at ``bits``.
     """
 
     method: str
@@ -101,13 +104,24 @@ def run_grid(
     grids: Iterable[str],
     bits: Iterable[Bits],
     extra: Iterable[Sequence[Any]] = (),
+    budgets: Iterable[Sequence[Any]] = (),
+    budget_candidates: Iterable[int] = (8,),
 ) -> list[Run]:
     """methods x (grids x bits, then the ``extra`` (grid, bits) or (grid, bits, group_size)
-    points), without duplicates. A method label may end in "-act" (act-order)."""
+    points), then every (bits per weight, group_size) of ``budgets`` x grids x methods (bits:
+    the largest of ``budget_candidates``, a placeholder), without duplicates. A method label
+    may end in "-act" (act-order)."""
     points = [(g, parse_bits(b), None) for g in grids for b in bits]
     points += [(e[0], parse_bits(e[1]), e[2] if len(e) > 2 else None) for e in extra]
     labels = [parse_method(m) for m in methods]
     runs = [Run(m, g, b, gs, act_order=act) for m, act in labels for g, b, gs in points]
+    top = max(budget_candidates)
+    runs += [
+        Run(m, g, top, gs, act_order=act, budget=float(b))
+        for b, gs in budgets
+        for g in grids
+        for m, act in labels
+    ]
     return list(dict.fromkeys(runs))
 
 
@@ -136,16 +150,25 @@ def is_mixed(record: dict) -> bool:
     return record.get("budget") is not None or record.get("split") is not None
 
 
+def uniform(runs: list[dict]) -> list[dict]:
+    """The successful runs at one width (not budget or split runs)."""
+    return [r for r in successful(runs) if not is_mixed(r)]
+
+
 def same_alphabet(run: Run, earlier: Iterable[Run]) -> Run | None:
     """An earlier run of the same method and grid with the same alphabet (the "int" grid at
-    2 bits is ternary), whose result ``run`` can reuse; None if there is none."""
+    2 bits is ternary), whose result ``run`` can reuse; None if there is none. A mixed-precision
+    run (whose ``bits`` is a placeholder) neither reuses nor is reused."""
+    if run.mixed:
+        return None
     alphabet = make_alphabet(run.bits, run.grid)
     return next(
         (
             e
             for e in earlier
-            if (e.method, e.grid, e.group_size, e.act_order, e.budget, e.first_bits)
-            == (run.method, run.grid, run.group_size, run.act_order, run.budget, run.first_bits)
+            if not e.mixed
+            and (e.method, e.grid, e.group_size, e.act_order)
+            == (run.method, run.grid, run.group_size, run.act_order)
             and make_alphabet(e.bits, e.grid) == alphabet
         ),
         None,
@@ -169,6 +192,56 @@ def make_spec(
         per_channel=per_channel,
         group_size=run.group_size,
     )
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def split_rules(run: Run, n_layers: int) -> list[gq.Rule]:
+    """The rule of a split run: the first ``n_layers // 2`` blocks at ``run.first_bits``."""
+    if n_layers < 2:
+        raise ValueError(f"a split run needs at least 2 blocks, the model has {n_layers}")
+    first = "|".join(str(i) for i in range(n_layers // 2))
+    return [gq.Rule(f"^layers_({first})/", bits=run.first_bits)]
+
+
+def mixed_kwargs(run: Run, setup: Any, q: Any) -> dict[str, Any]:
+    """``quantize_params`` keywords of a mixed-precision run: a budget's ``budget_bits`` and
+    ``budget_candidates`` (``q.budget_candidates``), or split rules (the LM experiment's
+    blocks ``layers_<i>``; ``setup.model.config.n_layers`` of them); {} for a uniform run."""
+    if run.budget is not None:
+        return {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
+    if run.first_bits is not None:
+        return {"rules": split_rules(run, setup.model.config.n_layers)}
+    return {}
+
+
+def mixed_fields(run: Run, res: gq.QuantizeResult, setup: Any = None) -> dict[str, Any]:
+    """The record fields of a mixed-precision run: ``budget`` and ``allocation``, or
+    ``split`` [first bits, other bits] and ``first_blocks`` (``setup`` as for
+    :func:`mixed_kwargs`, split runs only); ``bits`` is "mixed"."""
+    out: dict[str, Any] = {"bits": "mixed"}
+    alloc = res.bit_allocation
+    if alloc is not None:
+        out["budget"] = run.budget
+        out["allocation"] = {
+            "budget_bits": alloc.budget_bits, "candidates": list(alloc.candidates),
+            "bits_per_weight": alloc.bits_per_weight,
+            "min_bits_per_weight": alloc.min_bits_per_weight,
+            "total_error": alloc.total_error, "exact": alloc.exact, "seconds": alloc.seconds,
+            "layers": alloc.summary(),
+        }  # fmt: skip
+    if run.first_bits is not None:
+        out["split"] = [run.first_bits, run.bits]
+        out["first_blocks"] = setup.model.config.n_layers // 2
+    return out
+
+
+def linear_bits_per_weight(size: dict) -> float:
+    """Storage bits per quantized weight, steps and zero points included (``size``: a
+    ``gq.size_report``)."""
+    weights = sum(lay["params"] for lay in size["layers"])
+    return 8 * (size["codes_bytes"] + size["scales_bytes"]) / weights
 
 
 # --------------------------------------------------------------------------- one run
@@ -197,11 +270,15 @@ def _c_summary(c: Any) -> dict[str, Any]:
 
 
 def run_summary(res: gq.QuantizeResult) -> dict[str, Any]:
-    """Per-layer records and the capture/stats/quant time split of a quantize_params result."""
+    """Per-layer records and the capture/stats/quant time split of a quantize_params result.
+    When a budget chose the widths (``res.bit_allocation``), each layer records its ``bits``."""
     layers = [
         {**{k: v for k, v in r.summary().items() if k in _LAYER_KEYS}, **_c_summary(r.c)}
         for r in res.layers
     ]
+    if res.bit_allocation is not None:
+        for lay, r in zip(layers, res.layers, strict=True):
+            lay["bits"] = r.spec.bits
     first = res.layers[0]
     return {
         **{k: v for k, v in describe(first.spec).items() if k != "c"},
@@ -284,7 +361,10 @@ __all__ = [
     "calibration_indices",
     "execute_run",
     "is_mixed",
+    "linear_bits_per_weight",
     "make_spec",
+    "mixed_fields",
+    "mixed_kwargs",
     "parse_bits",
     "parse_method",
     "quantizer",
@@ -292,5 +372,7 @@ __all__ = [
     "run_grid",
     "run_summary",
     "same_alphabet",
+    "split_rules",
     "successful",
+    "uniform",
 ]

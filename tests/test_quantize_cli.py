@@ -206,7 +206,7 @@ def test_runs_table_and_markdown_report_failures(tmp_path):
     res = toy_results()
     table = reports.runs_table(res).splitlines()
     assert table[2] == (
-        "| gpfq_int_3 | 3 | 2 | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
+        "| gpfq_int_3 | 3 | 2 | - | 97.90 | 98.00 | 0.100 / 0.200 | 1.50 / 0.75 | "
         "2.0 | 0.5 | 0.2 | 1.2 |"
     )
     assert "FAILED: ValueError: boom" in table[-1]
