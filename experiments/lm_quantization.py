@@ -51,17 +51,23 @@ import gpfq_jax as gq
 from experiments import data, gguf_llama, lm_reports, lm_text, paths, plots, runs
 from experiments.llama import Llama, param_count
 from experiments.perplexity import perplexity
-from experiments.quantization import add_record, finished_runs, machine, save_run
-from experiments.runs import linear_bits_per_weight, mixed_fields, mixed_kwargs, split_rules
+from experiments.quantization import (
+    add_record,
+    finished_runs,
+    machine,
+    planned_records,
+    same_candidates,
+    save_run,
+    setup_config,
+)
+from experiments.runs import linear_bits_per_weight, mixed_fields, mixed_kwargs
 from experiments.tokenizer import tokenizer_from_gguf
 from gpfq_jax.atomic import atomic_path, write_json_atomic, write_text_atomic
 from gpfq_jax.flax.sizes import directory_bytes
 
-# What must match for an earlier run's result to be kept ("setup": the config without the
-# list of runs, so a workdir gathers runs from several invocations). Keys added to the config
-# that only list runs belong in RUN_LIST_KEYS, or every finished run of a workdir is redone.
+# What must match for an earlier run's result to be kept ("setup": the config without its
+# list of runs, experiments.quantization.RUN_LIST_KEYS).
 RESUME_KEYS = ("model", "model_file", "float", "calibration", "evaluation", "setup")
-RUN_LIST_KEYS = ("methods", "points", "grids", "budgets", "budget_candidates", "split_points")
 FLOAT_CHECKPOINT = "float_checkpoint"
 
 
@@ -122,12 +128,6 @@ def lm_runs(q: ConfigDict) -> list[runs.Run]:
     return list(dict.fromkeys(out))
 
 
-def same_candidates(record: dict, q: ConfigDict) -> bool:
-    """Whether a finished budget run chose from ``q.budget_candidates`` (others: True)."""
-    alloc = record.get("allocation")
-    return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
-
-
 def peak_rss_bytes() -> int:
     """The process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -185,8 +185,6 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
         record["bits_per_weight"] = linear_bits_per_weight(size)
         if run.mixed:
             record.update(mixed_fields(run, res, setup))
-            for lay, r in zip(record["layers"], res.layers, strict=True):
-                lay["bits"] = r.spec.bits
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
         return {"name": run.name, "method": run.label, "grid": run.grid,
@@ -235,13 +233,6 @@ def results_header(config: ConfigDict, workdir: Path, setup: LMSetup) -> dict[st
     }
 
 
-def setup_config(config: ConfigDict) -> dict[str, Any]:
-    """The config without its list of runs (``RUN_LIST_KEYS``)."""
-    out = config.to_dict()
-    out["quant"] = {k: v for k, v in out["quant"].items() if k not in RUN_LIST_KEYS}
-    return out
-
-
 def step_rule(q: ConfigDict) -> str:
     """How the steps are chosen, in words."""
     text = f"scale={q.scale!r}, c={q.get('c', 1.0)}"
@@ -285,10 +276,7 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     logging.info("float perplexity: %.3f", results["float"]["perplexity"])
     finished = finished_runs(workdir, results, RESUME_KEYS)
     planned = lm_runs(config.quant)
-    # Finished runs of the same setup that this invocation does not list stay in the results
-    # (a workdir gathers its grid over several invocations; nothing recorded is dropped).
-    listed = {run.name for run in planned}
-    results["runs"] = [r for name, r in finished.items() if name not in listed]
+    results["runs"] = planned_records(finished, planned)
     for run in planned:
         record = finished.get(run.name)
         if record is None or not same_candidates(record, config.quant):
@@ -301,18 +289,12 @@ def lm_experiment(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
 __all__ = [
     "LMSetup",
     "data_free",
-    "linear_bits_per_weight",
     "lm_experiment",
     "lm_runs",
     "load_lm_setup",
-    "mixed_fields",
-    "mixed_kwargs",
     "quantize_lm_run",
     "results_header",
     "run_spec",
-    "same_candidates",
     "save_float_checkpoint",
-    "setup_config",
-    "split_rules",
     "step_rule",
 ]

@@ -88,12 +88,15 @@ def quantize_experiment(
     finished = finished_runs(workdir, results)
     grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or (),
                          q.get("budgets") or (), q.get("budget_candidates") or (8,))  # fmt: skip
+    results["runs"] = planned_records(finished, grid)
     for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
         twin = runs.same_alphabet(run, done)
         if twin is not None:
             results["runs"].append(runs.reused_record(done[twin], run))
             continue
-        record = finished.get(run.name) or quantize_run(run, setup, q, workdir)
+        record = finished.get(run.name)
+        if record is None or not same_candidates(record, q):
+            record = quantize_run(run, setup, q, workdir)
         if "error" not in record:
             done[run] = record
         add_record(results, record, t_start, lambda r: write_outputs(workdir, r))
@@ -114,9 +117,34 @@ def add_record(
     write(results)
 
 
-# What must match for an earlier run's result to be kept: the whole recorded setup.
+# What must match for an earlier run's result to be kept ("setup": the config without the
+# list of runs, so a workdir gathers runs from several invocations). Keys added to the config
+# that only list runs belong in RUN_LIST_KEYS, or every finished run of a workdir is redone.
 RESUME_KEYS = ("dataset", "dataset_source", "model", "float_checkpoint", "float", "calibration",
-               "c_selection", "config")  # fmt: skip
+               "c_selection", "setup")  # fmt: skip
+RUN_LIST_KEYS = ("methods", "bits", "grids", "extra_runs", "points", "budgets",
+                 "budget_candidates", "split_points")  # fmt: skip
+
+
+def setup_config(config: ConfigDict) -> dict[str, Any]:
+    """The config without its list of runs (``RUN_LIST_KEYS``)."""
+    out = config.to_dict()
+    out["quant"] = {k: v for k, v in out["quant"].items() if k not in RUN_LIST_KEYS}
+    return out
+
+
+def same_candidates(record: dict, q: ConfigDict) -> bool:
+    """Whether a finished budget run chose from ``q.budget_candidates`` (others: True)."""
+    alloc = record.get("allocation")
+    return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
+
+
+def planned_records(finished: dict[str, dict], planned: list[runs.Run]) -> list[dict]:
+    """The finished runs of the same setup that this invocation does not list: they stay in
+    the results (a workdir gathers its grid over several invocations; nothing recorded is
+    dropped)."""
+    listed = {run.name for run in planned}
+    return [r for name, r in finished.items() if name not in listed]
 
 
 def finished_runs(
@@ -207,6 +235,7 @@ def results_header(
         "command": paths.command_line(workdir),
         "machine": machine(),
         "config": paths.relative_config(config.to_dict(), workdir),
+        "setup": paths.relative_config(setup_config(config), workdir),
     }
 
 

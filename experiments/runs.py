@@ -271,12 +271,12 @@ def _c_summary(c: Any) -> dict[str, Any]:
 
 def run_summary(res: gq.QuantizeResult) -> dict[str, Any]:
     """Per-layer records and the capture/stats/quant time split of a quantize_params result.
-    When a budget chose the widths (``res.bit_allocation``), each layer records its ``bits``."""
+    When the layers' widths differ (a budget or rules chose them), each records its ``bits``."""
     layers = [
         {**{k: v for k, v in r.summary().items() if k in _LAYER_KEYS}, **_c_summary(r.c)}
         for r in res.layers
     ]
-    if res.bit_allocation is not None:
+    if res.bit_allocation is not None or len({r.spec.bits for r in res.layers}) > 1:
         for lay, r in zip(layers, res.layers, strict=True):
             lay["bits"] = r.spec.bits
     first = res.layers[0]

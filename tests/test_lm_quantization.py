@@ -21,7 +21,7 @@ from test_llama import _model
 
 import gpfq_jax as gq
 from configs import smollm2
-from experiments import lm_quantization, lm_reports, lm_text, runs
+from experiments import lm_quantization, lm_reports, lm_text, quantization, runs
 from experiments.llama import Llama, LlamaConfig
 from experiments.perplexity import perplexity
 
@@ -183,7 +183,7 @@ def test_mixed_run_names_and_the_setup_without_run_lists():
     old["quant"] = {k: v for k, v in old["quant"].items()
                     if k not in ("methods", "points", "grids", "budgets", "budget_candidates",
                                  "split_points")}  # fmt: skip
-    assert lm_quantization.setup_config(c) == old
+    assert quantization.setup_config(c) == old
 
 
 def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path):
@@ -233,7 +233,7 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     assert "gpfq_asym_b5.0_g16" in (workdir / "layer_errors.md").read_text()
     assert (workdir / "perplexity_vs_bits.png").is_file()
     # A finished budget run is kept only when chosen from the same candidates.
-    assert lm_quantization.same_candidates(budget, q)
-    assert lm_quantization.same_candidates(by_name["gpfq_asym_3first2_g16"], q)
+    assert quantization.same_candidates(budget, q)
+    assert quantization.same_candidates(by_name["gpfq_asym_3first2_g16"], q)
     q.budget_candidates = (3, 2, 4)
-    assert not lm_quantization.same_candidates(budget, q)
+    assert not quantization.same_candidates(budget, q)

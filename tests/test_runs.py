@@ -227,3 +227,36 @@ def test_budget_points_in_the_accuracy_plot_and_tables(tmp_path):
     plots.plot_accuracy_vs_bits(results, tmp_path / "acc.png")
     plots.plot_layer_errors(results, tmp_path / "layers.png")
     assert (tmp_path / "acc.png").stat().st_size > 0 and (tmp_path / "layers.png").exists()
+
+
+def test_a_workdir_gathers_runs_over_invocations_with_other_run_lists(
+    budget_config, tmp_path, monkeypatch
+):
+    """The run list (methods, bits, budgets, candidates...) is not part of the setup: a later
+    invocation listing other runs keeps the earlier finished ones (listed or not), and a
+    budget run chosen from other candidates is redone."""
+    workdir = tmp_path / "workdir"
+    first = budget_config.copy_and_resolve_references()
+    first.quant.budgets = ((3.0, None),)
+    quantization.quantize_experiment(first, workdir)
+    calls = []
+    real = quantization.runs.gq.quantize_params
+
+    def spy(*args, **kw):
+        calls.append((args[4], args[3].bits, kw.get("budget_bits")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(quantization.runs.gq, "quantize_params", spy)
+    second = first.copy_and_resolve_references()
+    second.quant.bits = (4,)  # gpfq_int_3 is no longer listed
+    second.quant.budgets = ((3.0, None),)
+    second.quant.budget_candidates = (2, 3, 4)  # so the budget run is redone
+    res = quantization.quantize_experiment(second, workdir)
+    names = [r["name"] for r in res["runs"]]
+    assert names == ["gpfq_int_3", "gpfq_int_4", "gpfq_int_b3.0"]
+    assert [c[:2] for c in calls] == [("gpfq", 4), ("gpfq", 4)] and calls[1][2] == 3.0
+    kept = res["runs"][0]
+    assert kept["resumed"] and "error" not in kept
+    assert res["runs"][2]["allocation"]["candidates"] == [2, 3, 4]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == names and saved["complete"]
