@@ -115,7 +115,7 @@ def lm_runs(q: ConfigDict) -> list[runs.Run]:
     """Every (bits, group size) point x grid x method of ``q``, in that nesting order; then
     every budget x grid x method and every split (both orders) x grid x method."""
     widths = [dict(bits=runs.parse_bits(b), group_size=g) for b, g in q.points]
-    top = max(q.get("budget_candidates") or (8,))
+    top = runs.budget_placeholder_bits(q.get("budget_candidates"))
     widths += [dict(bits=top, group_size=g, budget=float(b)) for b, g in q.get("budgets", ())]
     for a, b, g in q.get("split_points", ()):
         widths += [dict(bits=int(y), group_size=g, first_bits=int(x)) for x, y in ((a, b), (b, a))]

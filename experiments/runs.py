@@ -115,7 +115,7 @@ def run_grid(
     points += [(e[0], parse_bits(e[1]), e[2] if len(e) > 2 else None) for e in extra]
     labels = [parse_method(m) for m in methods]
     runs = [Run(m, g, b, gs, act_order=act) for m, act in labels for g, b, gs in points]
-    top = max(budget_candidates)
+    top = budget_placeholder_bits(budget_candidates)
     runs += [
         Run(m, g, top, gs, act_order=act, budget=float(b))
         for b, gs in budgets
@@ -123,6 +123,12 @@ def run_grid(
         for m, act in labels
     ]
     return list(dict.fromkeys(runs))
+
+
+def budget_placeholder_bits(candidates: Iterable[int] | None) -> int:
+    """The ``bits`` a budget run holds before its allocation chooses the widths: the largest
+    candidate (8 when none are given)."""
+    return max(candidates or (8,))
 
 
 def parse_bits(b: Any) -> Bits:
@@ -357,6 +363,7 @@ __all__ = [
     "Run",
     "bits_label",
     "bits_x",
+    "budget_placeholder_bits",
     "calibration_images",
     "calibration_indices",
     "execute_run",
