@@ -187,10 +187,7 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
             record.update(mixed_fields(run, res, setup))
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
-        return {"name": run.name, "method": run.label, "grid": run.grid,
-                "bits": "mixed" if run.mixed else run.bits, "group_size": run.group_size,
-                **({"budget": run.budget} if run.budget is not None else {}),
-                "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+        return runs.failed_record(run, e)
     logging.info("%s: perplexity %.3f (%.1f s)", run.name, ppl, record["seconds"]["total"])
     return record
 

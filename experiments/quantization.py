@@ -87,7 +87,7 @@ def quantize_experiment(
     done: dict[runs.Run, dict] = {}
     finished = finished_runs(workdir, results)
     grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or (),
-                         q.get("budgets") or (), q.get("budget_candidates") or (8,))  # fmt: skip
+                         q.get("budgets") or (), q.get("budget_candidates"))  # fmt: skip
     results["runs"] = planned_records(finished, grid)
     for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
         twin = runs.same_alphabet(run, done)
@@ -287,15 +287,7 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
             record["checkpoint"] = paths.relative_path(save_run(workdir, run.name, res), workdir)
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
-        return {
-            "name": run.name,
-            "method": run.label,
-            "grid": run.grid,
-            "bits": "mixed" if run.mixed else run.bits,
-            "group_size": run.group_size,
-            **({"budget": run.budget} if run.budget is not None else {}),
-            "error": f"{type(e).__name__}: {e}",
-        }
+        return runs.failed_record(run, e)
     logging.info(
         "%s: val %s test %.4f (%.1f s)",
         run.name,

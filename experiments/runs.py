@@ -105,7 +105,7 @@ def run_grid(
     bits: Iterable[Bits],
     extra: Iterable[Sequence[Any]] = (),
     budgets: Iterable[Sequence[Any]] = (),
-    budget_candidates: Iterable[int] = (8,),
+    budget_candidates: Iterable[int] | None = None,
 ) -> list[Run]:
     """methods x (grids x bits, then the ``extra`` (grid, bits) or (grid, bits, group_size)
     points), then every (bits per weight, group_size) of ``budgets`` x grids x methods (bits:
@@ -243,6 +243,19 @@ def mixed_fields(run: Run, res: gq.QuantizeResult, setup: Any = None) -> dict[st
     return out
 
 
+def failed_record(run: Run, error: Exception) -> dict[str, Any]:
+    """The record of a run that raised ``error``: what it was and the error, in words."""
+    return {
+        "name": run.name,
+        "method": run.label,
+        "grid": run.grid,
+        "bits": "mixed" if run.mixed else run.bits,
+        "group_size": run.group_size,
+        **({"budget": run.budget} if run.budget is not None else {}),
+        "error": f"{type(error).__name__}: {error}",
+    }
+
+
 def linear_bits_per_weight(size: dict) -> float:
     """Storage bits per quantized weight, steps and zero points included (``size``: a
     ``gq.size_report``)."""
@@ -367,6 +380,7 @@ __all__ = [
     "calibration_images",
     "calibration_indices",
     "execute_run",
+    "failed_record",
     "is_mixed",
     "linear_bits_per_weight",
     "make_spec",
