@@ -10,6 +10,7 @@ import importlib
 
 from gpfq_jax.core.alphabets import QuantSpec, dequantize, make_alphabet, step_size
 from gpfq_jax.core.bit_budget import solve_budget
+from gpfq_jax.core.fisher import fisher_diagonal
 from gpfq_jax.core.gpfq import gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import gptq_codes, gptq_codes_from_factor, gptq_factor, qronos_factor
 from gpfq_jax.core.layer import LayerResult, quantize_from_stats, quantize_layer
@@ -79,6 +80,7 @@ __all__ = [
     "save_quantized",
     "size_report",
     "solve_budget",
+    "fisher_diagonal",
     "stats_from_data",
     "step_size",
     "to_qwix",

@@ -4,7 +4,8 @@ alphabets (grids, steps, rounding, dequantization), gpfq (the recurrence: data f
 blocked Gram form), gptq and rtn (the baselines), patches (conv geometry, patch rows, kernel
 grouping), stats (streaming H, G, F), output_error (the error identity), layer (one-layer
 quantization with the step search), bit_budget (per-layer bit widths under a storage budget:
-a multiple-choice knapsack), sharding (placing a layer on several devices).
+a multiple-choice knapsack), fisher (the diagonal Fisher's loss estimate that weighs it),
+sharding (placing a layer on several devices).
 """
 
 from gpfq_jax.core.alphabets import (
@@ -21,6 +22,7 @@ from gpfq_jax.core.alphabets import (
 )
 from gpfq_jax.core.bit_budget import BudgetSolution, brute_force_budget, budget_units, solve_budget
 from gpfq_jax.core.code_dtypes import int_dtype, storage_layout
+from gpfq_jax.core.fisher import fisher_diagonal, fisher_error
 from gpfq_jax.core.general import matrix_layout, quantize_view
 from gpfq_jax.core.gpfq import default_block_size, gpfq_data_form, gpfq_gram_form
 from gpfq_jax.core.gptq import (
@@ -70,6 +72,8 @@ __all__ = [
     "bits_per_weight",
     "brute_force_budget",
     "budget_units",
+    "fisher_diagonal",
+    "fisher_error",
     "conv_row_count",
     "conv_rows",
     "conv_rows_at",

@@ -9,6 +9,11 @@
    its storage in bits, counted as ``size_report`` counts it (codes at their storage bits,
    rounded up to bytes per layer; steps at their dtype's size; asym zero points at the codes'
    storage bits, rounded up to bytes).
+   With ``fisher`` (``quantize_params(budget_fisher=)``: the diagonal Fisher of a loss, e.g.
+   from ``core.fisher.fisher_diagonal``) a candidate's error is instead the loss increase the
+   Fisher predicts for its quantized kernel, ``1/2 sum F (Q - W)^2`` (``core.fisher``): the
+   output error of step 2 counts every layer alike, while the Fisher weighs each layer's
+   error by how much of it reaches the loss through the layers after it.
 3. ``core.bit_budget.solve_budget``: least summed error with total bits <= budget x weights.
 4. ``quantize_params`` then runs the ordinary sequential quantization with per-layer rules
    (``BitAllocation.rules``) placing each layer's chosen bits.
@@ -29,6 +34,7 @@ import numpy as np
 
 from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.bit_budget import budget_units, solve_budget
+from gpfq_jax.core.fisher import fisher_error
 from gpfq_jax.core.general import quantize_view
 from gpfq_jax.core.layer import LayerResult, quantize_from_stats
 from gpfq_jax.core.sharding import resolve_mesh
@@ -37,6 +43,7 @@ from gpfq_jax.flax.activation_cache import ActivationCache
 from gpfq_jax.flax.blocks import Block, find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
 from gpfq_jax.flax.calibration import Calibration
+from gpfq_jax.flax.paths import get_in
 from gpfq_jax.flax.rules import LayerPlan, Rule, as_rule, plan_layers
 from gpfq_jax.flax.schedule import LayerWalk, RunOptions
 from gpfq_jax.flax.sizes import layer_storage_bytes
@@ -51,7 +58,8 @@ class LayerAllocation:
     """One quantized layer's options and choice.
 
     params: weights in the kernel. candidates: bit widths, ascending. errors: per candidate,
-    ``rel_error ** 2`` from the float model's statistics. cost_bits: per candidate, the
+    ``rel_error ** 2`` from the float model's statistics (objective "output") or the Fisher's
+    loss estimate ``1/2 sum F (Q - W)^2`` (objective "fisher"). cost_bits: per candidate, the
     layer's storage in bits (codes, steps, zero points; see the module docstring). bits: the
     chosen width.
     """
@@ -78,9 +86,10 @@ class BitAllocation:
 
     budget_bits: the budget in bits per weight. layers: one LayerAllocation per quantized
     layer, forward order. bits_per_weight: achieved (total storage bits / total weights, <=
-    budget). min_bits_per_weight: the cheapest choice's. total_error: the summed
-    ``rel_error ** 2`` of the choice (float-model statistics). exact: the knapsack's optimum
-    is exact (True unless its costs were rounded to a coarser unit; still within budget).
+    budget). min_bits_per_weight: the cheapest choice's. total_error: the summed errors of
+    the choice (``objective`` "output": ``rel_error ** 2`` from float-model statistics;
+    "fisher": the Fisher's loss estimate). exact: the knapsack's optimum is exact (True
+    unless its costs were rounded to a coarser unit; still within budget).
     """
 
     budget_bits: float
@@ -91,6 +100,7 @@ class BitAllocation:
     total_error: float
     exact: bool
     seconds: float = 0.0
+    objective: str = "output"
 
     @property
     def bits(self) -> dict[str, int]:
@@ -118,7 +128,8 @@ class BitAllocation:
         errors = np.array([a.errors for a in self.layers])
         costs = np.array([a.cost_bits for a in self.layers], dtype=np.int64)
         names, params = [a.name for a in self.layers], [a.params for a in self.layers]
-        return solve_allocation(names, params, self.candidates, errors, costs, budget)
+        return solve_allocation(names, params, self.candidates, errors, costs, budget,
+                                self.objective)  # fmt: skip
 
     def summary(self) -> list[dict]:
         """Per-layer dicts: layer, params, chosen bits, bits/weight, error, every candidate's."""
@@ -192,6 +203,35 @@ def _candidate_specs(layers: list[LayerInfo], plans: list[LayerPlan], candidates
     return specs
 
 
+def layer_fisher(
+    fisher: Any, layers: list[LayerInfo], plans: list[LayerPlan]
+) -> dict[int, np.ndarray]:
+    """Quantized layer index -> its kernel's Fisher diagonal, read from ``fisher`` at the
+    kernel's own place (Linen: shaped like ``variables["params"]``; NNX: like
+    ``nnx.to_pure_dict(nnx.state(model))``). ValueError naming the layer when it is missing,
+    of another shape, negative or not finite."""
+    if not isinstance(fisher, Mapping):
+        raise ValueError("budget_fisher must be a nested mapping shaped like the model's params "
+                         f"(e.g. from fisher_diagonal), got {type(fisher).__name__}")  # fmt: skip
+    out = {}
+    for i, (layer, plan) in enumerate(zip(layers, plans)):
+        if plan.skip:
+            continue
+        where = "/".join(str(k) for k in (*layer.path, layer.param))
+        leaf = get_in(fisher, (*layer.path, layer.param))
+        if leaf is None:
+            raise ValueError(f"layer {layer.name!r}: budget_fisher has no entry at {where!r}")
+        f = np.asarray(leaf, np.float64)
+        if f.shape != tuple(layer.kernel_shape):
+            raise ValueError(f"layer {layer.name!r}: budget_fisher[{where!r}] has shape {f.shape}, "
+                             f"the kernel {tuple(layer.kernel_shape)}")  # fmt: skip
+        if not np.all(np.isfinite(f)) or (f < 0).any():
+            raise ValueError(f"layer {layer.name!r}: budget_fisher[{where!r}] must be finite "
+                             "and >= 0 (a mean of squared gradients)")  # fmt: skip
+        out[i] = f
+    return out
+
+
 def result_bits(r: LayerResult, params: int) -> int:
     """A quantized layer's storage in bits, as ``size_report`` counts it (bytes x 8)."""
     return 8 * layer_storage_bytes(params, r.storage_bits, r.step, r.zero_point)
@@ -199,11 +239,14 @@ def result_bits(r: LayerResult, params: int) -> int:
 
 class FloatStatsWalk(LayerWalk):
     """A LayerWalk over the float model only: each layer's statistics (X~ = X) quantized at
-    every candidate spec, nothing written back (``errors``: index -> (errors, cost bits))."""
+    every candidate spec, nothing written back (``measured``: index -> (errors, cost bits));
+    with ``fisher`` (index -> the kernel's Fisher diagonal) the errors are the Fisher's loss
+    estimates, else ``rel_error ** 2``."""
 
-    def __init__(self, *args: Any, specs: dict[int, list[QuantSpec]]):
+    def __init__(self, *args: Any, specs: dict[int, list[QuantSpec]],
+                 fisher: dict[int, np.ndarray] | None = None):  # fmt: skip
         super().__init__(*args, store=None)
-        self.specs = specs
+        self.specs, self.fisher = specs, fisher
         self.measured: dict[int, tuple[list[float], list[int]]] = {}
 
     def _step(self, i: int, b: Block | None) -> None:
@@ -232,7 +275,10 @@ class FloatStatsWalk(LayerWalk):
                     r = quantize_view(kernel, layer.view, stats, spec, plan.method, **kw)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"layer {layer.name!r} at {spec.bits} bits: {e}") from e
-            err = float(r.rel_error) ** 2
+            if self.fisher is None:
+                err = float(r.rel_error) ** 2
+            else:
+                err = fisher_error(self.fisher[i], kernel, r.q)
             if not math.isfinite(err):
                 raise ValueError(f"layer {layer.name!r} at {spec.bits} bits: its relative "
                                  f"output error is {err}; check the calibration data")  # fmt: skip
@@ -243,10 +289,11 @@ class FloatStatsWalk(LayerWalk):
 
 def solve_allocation(
     names: Sequence[str], params: Sequence[int], candidates: tuple[int, ...],
-    errors: np.ndarray, costs: np.ndarray, budget_bits: float,
+    errors: np.ndarray, costs: np.ndarray, budget_bits: float, objective: str = "output",
 ) -> BitAllocation:  # fmt: skip
     """The least summed error within ``budget_bits`` per weight, from measured errors and
-    costs (L, K) (layers x ``candidates``, costs in bits); ValueError when infeasible."""
+    costs (L, K) (layers x ``candidates``, costs in bits; ``objective`` names what the errors
+    are, "output" or "fisher"); ValueError when infeasible."""
     weights = sum(params)
     cheapest = int(costs.min(axis=1).sum())
     if budget_units(budget_bits, weights) < cheapest:
@@ -262,28 +309,32 @@ def solve_allocation(
         for row, (name, n, k) in enumerate(zip(names, params, sol.choice))
     ]  # fmt: skip
     return BitAllocation(budget_bits, candidates, chosen, sol.cost / weights, cheapest / weights,
-                         sol.objective, sol.exact)  # fmt: skip
+                         sol.objective, sol.exact, objective=objective)  # fmt: skip
 
 
 def allocate_for_plans(
     target: Target, layers: list[LayerInfo], plans: list[LayerPlan], blocks: list[Block],
     batches: Calibration, options: RunOptions, cache_bytes: int, budget_bits: float,
-    candidates: tuple[int, ...],
+    candidates: tuple[int, ...], fisher: Any = None,
 ) -> BitAllocation:  # fmt: skip
     """The allocation for an already traced and planned model (``quantize_params`` calls it
     after its checks; ``allocate_bits`` is the stand-alone form). ``budget_bits`` and
-    ``candidates`` as returned by ``check_budget``."""
+    ``candidates`` as returned by ``check_budget``; ``fisher``: None (objective "output") or
+    the params-shaped Fisher diagonal (objective "fisher", see :func:`layer_fisher`)."""
     t0 = time.perf_counter()
     specs = _candidate_specs(layers, plans, candidates, budget_bits)
+    per_layer = None if fisher is None else layer_fisher(fisher, layers, plans)
     walk = FloatStatsWalk(target, layers, plans, blocks, batches, options,
-                          ActivationCache(cache_bytes, None), specs=specs)  # fmt: skip
+                          ActivationCache(cache_bytes, None), specs=specs,
+                          fisher=per_layer)  # fmt: skip
     walk.run()
     order = sorted(walk.measured)
     errors = np.array([walk.measured[i][0] for i in order])  # (L, K)
     costs = np.array([walk.measured[i][1] for i in order], dtype=np.int64)  # (L, K) bits
     names = [layers[i].name for i in order]
     params = [math.prod(layers[i].kernel_shape) for i in order]
-    out = solve_allocation(names, params, candidates, errors, costs, budget_bits)
+    out = solve_allocation(names, params, candidates, errors, costs, budget_bits,
+                           "output" if fisher is None else "fisher")  # fmt: skip
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -299,6 +350,7 @@ def allocate_bits(
     *,
     budget_bits: float,
     budget_candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    budget_fisher: Any = None,
     batch_size: int = 256,
     apply_kwargs: dict | None = None,
     fold_batchnorm: bool = False,
@@ -347,7 +399,7 @@ def allocate_bits(
         progress=progress,
     )  # fmt: skip
     return allocate_for_plans(target, trace.layers, plans, found, batches, options, cache_bytes,
-                              budget, candidates)  # fmt: skip
+                              budget, candidates, budget_fisher)  # fmt: skip
 
 
 __all__ = [
@@ -358,6 +410,7 @@ __all__ = [
     "LayerAllocation",
     "allocate_for_plans",
     "check_budget",
+    "layer_fisher",
     "result_bits",
     "solve_allocation",
 ]

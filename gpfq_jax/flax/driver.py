@@ -81,6 +81,7 @@ def quantize_params(
     resume_dir: str | os.PathLike | None = None,
     budget_bits: float | None = None,
     budget_candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    budget_fisher: Any = None,
 ) -> QuantizeResult:
     """Quantize every Dense/Conv/DenseGeneral/Einsum layer of ``model``, in forward order (GPFQ
     by default; general layers as the (g, N, n) problems of their ``MatrixView``).
@@ -136,6 +137,11 @@ def quantize_params(
         ``budget_candidates`` to minimise the summed ``rel_error ** 2`` from float-model
         statistics (``gpfq_jax.flax.bit_allocation``), then the run uses them; the choice is
         ``result.bit_allocation``. Rules may not fix bits then. None: the spec's bits.
+      budget_fisher: with ``budget_bits``, the diagonal Fisher of a loss (a pytree shaped like
+        the params: Linen ``variables["params"]``, NNX ``nnx.to_pure_dict(nnx.state(model))``;
+        e.g. from ``gpfq_jax.core.fisher.fisher_diagonal``): each candidate's error is then the
+        loss increase it predicts, ``1/2 sum F (Q - W)^2``, which weighs a layer by how much of
+        its error reaches the loss (objective "fisher"). None: ``rel_error ** 2``.
     Returns: QuantizeResult (``driver`` says how it ran: blocks, shared statistics, compiles).
     """
     start = time.perf_counter()
@@ -148,6 +154,8 @@ def quantize_params(
     _check_run_layout(blocks, cache_bytes, resume_dir)
     if budget_bits is not None:
         budget = check_budget(budget_bits, budget_candidates, rules)
+    elif budget_fisher is not None:
+        raise ValueError("budget_fisher weighs the bit allocation's errors; it needs budget_bits")
     mesh = resolve_mesh(mesh)
     batches = Calibration(calib, batch_size)
     if apply_kwargs is None:
@@ -170,7 +178,7 @@ def quantize_params(
     allocation = None
     if budget_bits is not None:
         allocation = allocate_for_plans(target, trace.layers, plans, found, batches, options,
-                                        cache_bytes, *budget)  # fmt: skip
+                                        cache_bytes, *budget, budget_fisher)  # fmt: skip
         plans = plan_layers(names, allocation.rules(rules), spec, method, kinds)
     store = None
     if resume_dir is not None:
