@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
     # per method x grid: the first half of the blocks at a bits and the rest at b
     # ("gpfq_asym_3first2_g64"), and the reverse ("gpfq_asym_2first3_g64"). E.g. ((3, 2, 64),).
     q.split_points = ()
+    # fisher_budgets: budgets as above whose widths minimise the loss increase the diagonal
+    # Fisher predicts, 1/2 sum F (Q - W)^2 (gpfq_jax.core.fisher), instead of the summed layer
+    # errors, which ignore how an early layer's error grows through the later blocks
+    # ("gpfq_asym_b3.547fisher_g64"). F: mean squared NLL gradient, one per window, over the
+    # first fisher_windows calibration windows (the calibration novels, never the evaluation).
+    q.fisher_budgets = ()
+    q.fisher_windows = 32
     # Steps: each neuron's multiplier of the grid's min/max (asym) or absmax (int) step is
     # chosen from search_grid by the layer's output error on the calibration statistics.
     q.scale = "search"

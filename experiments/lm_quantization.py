@@ -22,6 +22,12 @@ kept when they are switched on):
   the achieved and the minimum bits per weight) and each layer's ``bits``; ``bits_per_weight``
   is the achieved one. Steps cost (32 + b) / g bits per weight on ``asym`` (32 / g on
   ``int``): at g64 the 2-bit floor is 2.53 (asym), so a 2.5 budget needs g128 or per channel.
+- ``quant.fisher_budgets = ((3.547, 64),)``: budgets as above whose allocation minimises the
+  loss increase the diagonal Fisher predicts (``quantize_params(budget_fisher=)``), not the
+  summed layer errors: ``gpfq_asym_b3.547fisher_g64``. The Fisher is the mean squared
+  gradient of the next-token NLL, one gradient per window, over the first
+  ``quant.fisher_windows`` calibration windows (computed once per invocation); the record
+  holds ``fisher_windows`` and ``fisher_seconds``.
 - ``quant.split_points = ((3, 2, 64),)``: (bits a, bits b, group size) triples giving the
   uniform comparisons of the same average, ``gpfq_asym_3first2_g64`` (the first half of the
   blocks ``layers_0 .. layers_{n/2-1}`` at 3 bits, the rest at 2; layers outside the blocks,
@@ -50,7 +56,7 @@ from ml_collections import ConfigDict
 import gpfq_jax as gq
 from experiments import data, gguf_llama, lm_reports, lm_text, paths, plots, runs
 from experiments.llama import Llama, param_count
-from experiments.perplexity import perplexity
+from experiments.perplexity import mean_nll, perplexity
 from experiments.quantization import (
     add_record,
     finished_runs,
@@ -82,10 +88,31 @@ class LMSetup:
     eval_batch_size: int
     model_file: Path
     data_dir: Path
+    _fisher: dict[int, tuple[Any, float]] = dataclasses.field(default_factory=dict)
 
     def perplexity(self, variables: Any) -> float:
         """Perplexity of ``variables`` on the evaluation windows."""
         return perplexity(self.model, variables, self.eval_windows, self.eval_batch_size)
+
+    def fisher(self, windows: int) -> Any:
+        """The diagonal Fisher of the mean next-token NLL w.r.t. the params (shaped like
+        ``variables["params"]``), one gradient per window over the first ``windows``
+        calibration windows; computed once per count."""
+        if windows not in self._fisher:
+            if not 1 <= windows <= len(self.calib):
+                raise ValueError(f"fisher_windows must be 1..{len(self.calib)} (the "
+                                 f"calibration windows), got {windows}")  # fmt: skip
+            t0 = time.perf_counter()
+            rest = {k: v for k, v in self.variables.items() if k != "params"}
+            loss = lambda p, w: mean_nll(self.model, {**rest, "params": p}, w[None])  # noqa: E731
+            f = gq.fisher_diagonal(loss, self.variables["params"], list(self.calib[:windows]))
+            self._fisher[windows] = (f, time.perf_counter() - t0)
+            logging.info("Fisher over %d windows: %.1f s", windows, self._fisher[windows][1])
+        return self._fisher[windows][0]
+
+    def fisher_seconds(self, windows: int) -> float:
+        """How long :meth:`fisher` took for ``windows`` (0 before it ran)."""
+        return self._fisher.get(windows, (None, 0.0))[1]
 
 
 def load_lm_setup(config: ConfigDict) -> LMSetup:
@@ -113,10 +140,13 @@ def load_lm_setup(config: ConfigDict) -> LMSetup:
 
 def lm_runs(q: ConfigDict) -> list[runs.Run]:
     """Every (bits, group size) point x grid x method of ``q``, in that nesting order; then
-    every budget x grid x method and every split (both orders) x grid x method."""
+    every budget, then every Fisher budget, x grid x method and every split (both orders) x
+    grid x method."""
     widths = [dict(bits=runs.parse_bits(b), group_size=g) for b, g in q.points]
     top = runs.budget_placeholder_bits(q.get("budget_candidates"))
     widths += [dict(bits=top, group_size=g, budget=float(b)) for b, g in q.get("budgets", ())]
+    widths += [dict(bits=top, group_size=g, budget=float(b), fisher=True)
+               for b, g in q.get("fisher_budgets", ())]  # fmt: skip
     for a, b, g in q.get("split_points", ()):
         widths += [dict(bits=int(y), group_size=g, first_bits=int(x)) for x, y in ((a, b), (b, a))]
     out = []
@@ -185,6 +215,9 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
         record["bits_per_weight"] = linear_bits_per_weight(size)
         if run.mixed:
             record.update(mixed_fields(run, res, setup))
+        if run.fisher:
+            record["fisher_windows"] = q.fisher_windows
+            record["fisher_seconds"] = setup.fisher_seconds(q.fisher_windows)
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
         return runs.failed_record(run, e)

@@ -19,18 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def nll_sums(model: Any, variables: Any, tokens: jax.Array) -> jax.Array:
+    """Each window's summed next-token NLL, (b,) float32, for a Linen model mapping tokens
+    (b, L) to logits (b, L, vocab); differentiable in ``variables``."""
+    logits = model.apply(variables, tokens)[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
+
+
+def mean_nll(model: Any, variables: Any, tokens: jax.Array) -> jax.Array:
+    """The mean next-token NLL over every predicted position of ``tokens`` (b, L): a
+    scalar loss (its exp is the perplexity)."""
+    return jnp.sum(nll_sums(model, variables, tokens)) / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+
 def _nll_fn(model: Any) -> Callable[[Any, jax.Array], jax.Array]:
-    """Jitted ``(variables, tokens (b, L)) -> NLL sums (b,)`` float32 for a Linen model
-    mapping tokens (b, L) to logits (b, L, vocab)."""
-
-    @jax.jit
-    def nll(variables: Any, tokens: jax.Array) -> jax.Array:
-        logits = model.apply(variables, tokens)[:, :-1].astype(jnp.float32)
-        targets = tokens[:, 1:]
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
-
-    return nll
+    """Jitted ``(variables, tokens (b, L)) -> NLL sums (b,)`` (:func:`nll_sums`)."""
+    return jax.jit(lambda variables, tokens: nll_sums(model, variables, tokens))
 
 
 def window_nll(model: Any, variables: Any, windows: np.ndarray, batch_size: int = 4) -> np.ndarray:
@@ -67,4 +73,4 @@ def perplexity(model: Any, variables: Any, windows: np.ndarray, batch_size: int 
     return math.exp(float(np.sum(sums, dtype=np.float64)) / count)
 
 
-__all__ = ["perplexity", "window_nll"]
+__all__ = ["mean_nll", "nll_sums", "perplexity", "window_nll"]

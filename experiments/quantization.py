@@ -123,7 +123,8 @@ def add_record(
 RESUME_KEYS = ("dataset", "dataset_source", "model", "float_checkpoint", "float", "calibration",
                "c_selection", "setup")  # fmt: skip
 RUN_LIST_KEYS = ("methods", "bits", "grids", "extra_runs", "points", "budgets",
-                 "budget_candidates", "split_points")  # fmt: skip
+                 "budget_candidates", "split_points", "fisher_budgets",
+                 "fisher_windows")  # fmt: skip
 
 
 def setup_config(config: ConfigDict) -> dict[str, Any]:
@@ -134,8 +135,11 @@ def setup_config(config: ConfigDict) -> dict[str, Any]:
 
 
 def same_candidates(record: dict, q: ConfigDict) -> bool:
-    """Whether a finished budget run chose from ``q.budget_candidates`` (others: True)."""
+    """Whether a finished budget run chose from ``q.budget_candidates`` and, with the Fisher
+    objective, from a Fisher over ``q.fisher_windows`` windows (others: True)."""
     alloc = record.get("allocation")
+    if "fisher_windows" in record and record["fisher_windows"] != q.get("fisher_windows"):
+        return False
     return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
 
 

@@ -54,7 +54,9 @@ class Run:
     each layer's width is chosen under that average (``quantize_params(budget_bits=)``;
     ``bits`` is only the spec's placeholder, the largest candidate); with ``first_bits`` (the
     LM experiment) the first half of the blocks is at ``first_bits`` and the rest (and the
-    layers outside the blocks) at ``bits``.
+    layers outside the blocks) at ``bits``. ``fisher`` (a budget run of the LM experiment):
+    the widths minimise the loss increase the diagonal Fisher predicts
+    (``quantize_params(budget_fisher=)``) instead of the summed layer output errors.
     """
 
     method: str
@@ -64,6 +66,7 @@ class Run:
     act_order: bool = False
     budget: float | None = None
     first_bits: int | None = None
+    fisher: bool = False
 
     @property
     def label(self) -> str:
@@ -72,9 +75,10 @@ class Run:
 
     @property
     def width(self) -> str:
-        """The width part of the name: "4", "b3.0" (budget) or "3first2" (split)."""
+        """The width part of the name: "4", "b3.0" (budget), "b3.0fisher" (a budget with the
+        Fisher objective) or "3first2" (split)."""
         if self.budget is not None:
-            return f"b{float(self.budget)!r}"
+            return f"b{float(self.budget)!r}" + ("fisher" if self.fisher else "")
         if self.first_bits is not None:
             return f"{self.first_bits}first{self.bits}"
         return str(self.bits)
@@ -213,10 +217,14 @@ def split_rules(run: Run, n_layers: int) -> list[gq.Rule]:
 
 def mixed_kwargs(run: Run, setup: Any, q: Any) -> dict[str, Any]:
     """``quantize_params`` keywords of a mixed-precision run: a budget's ``budget_bits`` and
-    ``budget_candidates`` (``q.budget_candidates``), or split rules (the LM experiment's
-    blocks ``layers_<i>``; ``setup.model.config.n_layers`` of them); {} for a uniform run."""
+    ``budget_candidates`` (``q.budget_candidates``; with ``run.fisher``, ``budget_fisher``:
+    ``setup.fisher(q.fisher_windows)``), or split rules (the LM experiment's blocks
+    ``layers_<i>``; ``setup.model.config.n_layers`` of them); {} for a uniform run."""
     if run.budget is not None:
-        return {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
+        out = {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
+        if run.fisher:
+            out["budget_fisher"] = setup.fisher(q.fisher_windows)
+        return out
     if run.first_bits is not None:
         return {"rules": split_rules(run, setup.model.config.n_layers)}
     return {}
@@ -235,6 +243,7 @@ def mixed_fields(run: Run, res: gq.QuantizeResult, setup: Any = None) -> dict[st
             "bits_per_weight": alloc.bits_per_weight,
             "min_bits_per_weight": alloc.min_bits_per_weight,
             "total_error": alloc.total_error, "exact": alloc.exact, "seconds": alloc.seconds,
+            "objective": alloc.objective,
             "layers": alloc.summary(),
         }  # fmt: skip
     if run.first_bits is not None:

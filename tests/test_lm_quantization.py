@@ -168,6 +168,8 @@ def test_mixed_run_names_and_the_setup_without_run_lists():
     assert runs.Run("gpfq", "int", 3).name == "gpfq_int_3"
     assert runs.Run("gpfq", "asym", 8, 64, budget=3).name == "gpfq_asym_b3.0_g64"
     assert runs.Run("gpfq", "asym", 2, 64, first_bits=3).name == "gpfq_asym_3first2_g64"
+    fisher = runs.Run("gpfq", "asym", 8, 64, budget=3.547, fisher=True)
+    assert fisher.name == "gpfq_asym_b3.547fisher_g64"
     c = smollm2.get_config()
     before = [r.name for r in lm_quantization.lm_runs(c.quant)]
     c.quant.budgets, c.quant.split_points = ((3.0, 64), (2.5, 128)), ((3, 2, 64),)
@@ -183,7 +185,7 @@ def test_mixed_run_names_and_the_setup_without_run_lists():
     old = c.to_dict()
     old["quant"] = {k: v for k, v in old["quant"].items()
                     if k not in ("methods", "points", "grids", "budgets", "budget_candidates",
-                                 "split_points")}  # fmt: skip
+                                 "split_points", "fisher_budgets", "fisher_windows")}  # fmt: skip
     assert quantization.setup_config(c) == old
 
 
@@ -193,18 +195,20 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     shutil.copytree(source, workdir)
     # results.json as the code before the budget runs wrote it (no new keys in its setup).
     saved = json.loads((workdir / "results.json").read_text())
-    for key in ("budgets", "budget_candidates", "split_points"):
+    for key in ("budgets", "budget_candidates", "split_points", "fisher_budgets", "fisher_windows"):
         saved["setup"]["quant"].pop(key, None)
         saved["config"]["quant"].pop(key, None)
     (workdir / "results.json").write_text(json.dumps(saved))
     config = _config(files, ("gpfq",), grids=("asym",))
     q = config.quant
     q.budgets, q.budget_candidates, q.split_points = ((5.0, 16),), (3, 2), ((3, 2, 16),)
+    q.fisher_budgets, q.fisher_windows = ((5.0, 16),), 2
     res = lm_quantization.lm_experiment(config, workdir)
     by_name = {r["name"]: r for r in res["runs"]}
     # the listed runs come last; the earlier runs not listed now are kept before them
-    assert list(by_name)[-4:] == ["gpfq_asym_3_g16", "gpfq_asym_b5.0_g16",
-                                  "gpfq_asym_3first2_g16", "gpfq_asym_2first3_g16"]  # fmt: skip
+    assert list(by_name)[-5:] == ["gpfq_asym_3_g16", "gpfq_asym_b5.0_g16",
+                                  "gpfq_asym_b5.0fisher_g16", "gpfq_asym_3first2_g16",
+                                  "gpfq_asym_2first3_g16"]  # fmt: skip
     assert {r["name"] for r in saved["runs"] if "error" not in r} <= set(by_name)
     kept = next(r for r in first["runs"] if r["name"] == "gpfq_asym_3_g16")
     assert by_name["gpfq_asym_3_g16"]["resumed"]
@@ -213,7 +217,13 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     chosen = check_budget_record(budget, 5.0, [2, 3])
     alloc = budget["allocation"]
     assert len(chosen) == 15  # all at 2 bits: 4.125 bits per weight, all at 3: 5.19
-    assert all(a["params"] > 0 for a in alloc["layers"])
+    assert all(a["params"] > 0 for a in alloc["layers"]) and alloc["objective"] == "output"
+    fisher = by_name["gpfq_asym_b5.0fisher_g16"]
+    check_budget_record(fisher, 5.0, [2, 3])
+    assert fisher["allocation"]["objective"] == "fisher" and fisher["fisher_windows"] == 2
+    assert fisher["fisher_seconds"] > 0
+    # the Fisher objective's errors are loss estimates, not the output errors of the other run
+    assert fisher["allocation"]["layers"][0]["errors"] != alloc["layers"][0]["errors"]
     for name, first_bits, rest in (("3first2", 3, 2), ("2first3", 2, 3)):
         r = by_name[f"gpfq_asym_{name}_g16"]
         assert r["split"] == [first_bits, rest] and r["first_blocks"] == 1
@@ -230,5 +240,8 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     # A finished budget run is kept only when chosen from the same candidates.
     assert quantization.same_candidates(budget, q)
     assert quantization.same_candidates(by_name["gpfq_asym_3first2_g16"], q)
+    assert quantization.same_candidates(fisher, q)
+    q.fisher_windows = 3
+    assert not quantization.same_candidates(fisher, q) and quantization.same_candidates(budget, q)
     q.budget_candidates = (3, 2, 4)
     assert not quantization.same_candidates(budget, q)

@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_llama import _model, numpy_forward
 
 from experiments import lm_text
 from experiments.llama import LlamaConfig
-from experiments.perplexity import perplexity, window_nll
+from experiments.perplexity import mean_nll, perplexity, window_nll
 
 DATA_DIR = (
     os.environ.get("GPFQ_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -111,5 +112,7 @@ def test_perplexity_matches_numpy(rng):
         np.testing.assert_allclose(got, want, rtol=1e-4)
     ppl = perplexity(model, variables, tokens, batch_size=2)
     np.testing.assert_allclose(ppl, np.exp(want.sum() / (5 * 5)), rtol=1e-4)
+    loss = mean_nll(model, variables, jnp.asarray(tokens))  # the Fisher's loss
+    np.testing.assert_allclose(float(loss), want.sum() / (5 * 5), rtol=1e-4)
     with pytest.raises(ValueError, match="L >= 2"):
         window_nll(model, variables, tokens[:, :1])
