@@ -8,6 +8,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import gpfq_jax as gq
 from gpfq_jax.core.bit_budget import brute_force_budget, budget_units, cost_unit, solve_budget
+from gpfq_jax.core.fisher import fisher_diagonal, fisher_error
 
 # ----------------------------------------------------------------------------- the solver
 
@@ -252,3 +254,87 @@ def test_nnx_transformer_budgeted_run_equals_plain_run():
     for name, codes in _codes(res).items():
         np.testing.assert_array_equal(codes, _codes(plain)[name], err_msg=name)
     assert _size_bits_per_weight(res, model) == pytest.approx(alloc.bits_per_weight, 1e-12)
+
+
+# ------------------------------------------------------------- the Fisher objective
+
+
+@pytest.fixture(scope="module")
+def mlp_fisher(mlp):
+    """The MLP with the Fisher of a cross-entropy on random labels (12 batches of 8)."""
+    model, variables, x = mlp
+    labels = jax.random.randint(jax.random.PRNGKey(2), (96,), 0, 10)
+
+    def loss(params, batch):
+        xb, yb = batch
+        logits = model.apply({"params": params}, xb)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, yb[:, None], -1)[:, 0])  # fmt: skip
+
+    batches = [(x[i : i + 8], labels[i : i + 8]) for i in range(0, 96, 8)]
+    return model, variables, x, fisher_diagonal(loss, variables["params"], batches)
+
+
+def test_fisher_allocation_errors_are_the_fisher_estimates_of_float_stats_codes(mlp_fisher):
+    """Reference: each layer's float inputs computed by hand, its statistics from the whole
+    data (X~ = X), quantized at every candidate; the error of each is 1/2 sum F (Q - W)^2."""
+    model, variables, x, fisher = mlp_fisher
+    alloc = gq.allocate_bits(model, variables, x, budget_bits=3.3, budget_fisher=fisher, **_kw())
+    assert alloc.objective == "fisher" and alloc.bits_per_weight <= 3.3
+    p = variables["params"]
+    inputs = [x]
+    for name in ("Dense_0", "Dense_1"):
+        inputs.append(jax.nn.relu(inputs[-1] @ p[name]["kernel"] + p[name]["bias"]))
+    for a, name, h in zip(alloc.layers, ("Dense_0", "Dense_1", "Dense_2"), inputs):
+        assert a.name == name
+        stats = gq.stats_from_data(h)
+        kernel = p[name]["kernel"]
+        for bits, err in zip(a.candidates, a.errors):
+            q = gq.quantize_from_stats(kernel, stats, gq.QuantSpec(bits=bits)).q
+            expect = fisher_error(fisher[name]["kernel"], kernel, q)
+            assert err == pytest.approx(expect, rel=1e-3, abs=1e-12), (name, bits)
+        assert list(a.errors) == sorted(a.errors, reverse=True)  # more bits, less loss
+    res = gq.quantize_params(model, variables, x, budget_bits=3.3, budget_fisher=fisher, **_kw())
+    assert res.bit_allocation.bits == alloc.bits and res.bit_allocation.objective == "fisher"
+    assert alloc.with_budget(9.0).objective == "fisher"
+
+
+def test_fisher_gives_the_bits_to_the_layer_the_loss_is_sensitive_to(mlp_fisher):
+    """The same statistics, one layer's Fisher multiplied by 1e6: that layer gets the widest
+    candidate, which 5.5 bits per weight afford for one of the two wide layers only (8 + 0.5
+    bits of steps on 3072 weights, the rest at 2), and which layer gets it follows the Fisher."""
+    model, variables, x, fisher = mlp_fisher
+    chosen = {}
+    for heavy in ("Dense_0", "Dense_1"):
+        f = jax.tree.map(lambda a: a, fisher)
+        f[heavy] = {**f[heavy], "kernel": f[heavy]["kernel"] * 1e6}
+        alloc = gq.allocate_bits(model, variables, x, budget_bits=5.5, budget_fisher=f, **_kw())
+        chosen[heavy] = alloc.bits
+        assert alloc.bits[heavy] == 8, alloc.bits
+    assert chosen["Dense_0"] != chosen["Dense_1"]
+    plain = gq.allocate_bits(model, variables, x, budget_bits=5.5, **_kw())
+    assert plain.objective == "output"
+
+
+def test_fisher_bad_input_names_the_layer(mlp_fisher):
+    model, variables, x, fisher = mlp_fisher
+
+    def alloc(f):
+        return gq.allocate_bits(model, variables, x, budget_bits=3.3, budget_fisher=f, **_kw())
+
+    missing = {k: v for k, v in fisher.items() if k != "Dense_1"}
+    with pytest.raises(ValueError, match="layer 'Dense_1': budget_fisher has no entry at "
+                                         "'Dense_1/kernel'"):  # fmt: skip
+        alloc(missing)
+    for bad, match in ((fisher["Dense_1"]["kernel"][:, :5], "has shape"),
+                       (-fisher["Dense_1"]["kernel"], "finite and >= 0"),
+                       (fisher["Dense_1"]["kernel"] * jnp.nan, "finite and >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"layer 'Dense_1'.*{match}"):
+            alloc({**fisher, "Dense_1": {**fisher["Dense_1"], "kernel": bad}})
+    with pytest.raises(ValueError, match="nested mapping"):
+        alloc([1.0])
+    with pytest.raises(ValueError, match="needs budget_bits"):
+        gq.quantize_params(model, variables, x, budget_fisher=fisher, progress=False)
+    skipped = gq.allocate_bits(model, variables, x, rules=[gq.Rule("Dense_1", skip=True)],
+                               budget_bits=3.3, budget_fisher=missing, **_kw())  # fmt: skip
+    assert [a.name for a in skipped.layers] == ["Dense_0", "Dense_2"]
