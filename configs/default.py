@@ -40,6 +40,12 @@ def quant(**overrides: Any) -> ml_collections.ConfigDict:
     # (every layer at 2 bits) is a little above 2. E.g. ((3.0, None), (2.5, None)).
     q.budgets = ()
     q.budget_candidates = (2, 3, 4, 8)
+    # fisher_budgets: budgets as above whose widths minimise the loss increase the diagonal
+    # Fisher predicts, 1/2 sum F (Q - W)^2 (gpfq_jax.core.fisher), instead of the summed layer
+    # errors ("gpfq_int_b3.0fisher"). F: mean squared gradient of the cross-entropy, one per
+    # image, over the first fisher_samples calibration images (training split, own labels).
+    q.fisher_budgets = ()
+    q.fisher_samples = 1000
     q.scale = "search"  # c chosen per layer from the calibration statistics
     q.c = 1.0  # centre of the search (or the constant itself for a fixed rule)
     # None: the grid's default (per channel for int/int_full, per layer for ls/zzs)

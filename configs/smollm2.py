@@ -50,9 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Fisher predicts, 1/2 sum F (Q - W)^2 (gpfq_jax.core.fisher), instead of the summed layer
     # errors, which ignore how an early layer's error grows through the later blocks
     # ("gpfq_asym_b3.547fisher_g64"). F: mean squared NLL gradient, one per window, over the
-    # first fisher_windows calibration windows (the calibration novels, never the evaluation).
+    # first fisher_samples calibration windows (the calibration novels, never the evaluation).
     q.fisher_budgets = ()
-    q.fisher_windows = 32
+    q.fisher_samples = 32
     # Steps: each neuron's multiplier of the grid's min/max (asym) or absmax (int) step is
     # chosen from search_grid by the layer's output error on the calibration statistics.
     q.scale = "search"

@@ -26,8 +26,8 @@ kept when they are switched on):
   loss increase the diagonal Fisher predicts (``quantize_params(budget_fisher=)``), not the
   summed layer errors: ``gpfq_asym_b3.547fisher_g64``. The Fisher is the mean squared
   gradient of the next-token NLL, one gradient per window, over the first
-  ``quant.fisher_windows`` calibration windows (computed once per invocation); the record
-  holds ``fisher_windows`` and ``fisher_seconds``.
+  ``quant.fisher_samples`` calibration windows (computed once per invocation); the record
+  holds ``fisher_samples`` and ``fisher_seconds``.
 - ``quant.split_points = ((3, 2, 64),)``: (bits a, bits b, group size) triples giving the
   uniform comparisons of the same average, ``gpfq_asym_3first2_g64`` (the first half of the
   blocks ``layers_0 .. layers_{n/2-1}`` at 3 bits, the rest at 2; layers outside the blocks,
@@ -88,31 +88,11 @@ class LMSetup:
     eval_batch_size: int
     model_file: Path
     data_dir: Path
-    _fisher: dict[int, tuple[Any, float]] = dataclasses.field(default_factory=dict)
+    fisher: runs.FisherCache  # of the mean next-token NLL of one calibration window
 
     def perplexity(self, variables: Any) -> float:
         """Perplexity of ``variables`` on the evaluation windows."""
         return perplexity(self.model, variables, self.eval_windows, self.eval_batch_size)
-
-    def fisher(self, windows: int) -> Any:
-        """The diagonal Fisher of the mean next-token NLL w.r.t. the params (shaped like
-        ``variables["params"]``), one gradient per window over the first ``windows``
-        calibration windows; computed once per count."""
-        if windows not in self._fisher:
-            if not 1 <= windows <= len(self.calib):
-                raise ValueError(f"fisher_windows must be 1..{len(self.calib)} (the "
-                                 f"calibration windows), got {windows}")  # fmt: skip
-            t0 = time.perf_counter()
-            rest = {k: v for k, v in self.variables.items() if k != "params"}
-            loss = lambda p, w: mean_nll(self.model, {**rest, "params": p}, w[None])  # noqa: E731
-            f = gq.fisher_diagonal(loss, self.variables["params"], list(self.calib[:windows]))
-            self._fisher[windows] = (f, time.perf_counter() - t0)
-            logging.info("Fisher over %d windows: %.1f s", windows, self._fisher[windows][1])
-        return self._fisher[windows][0]
-
-    def fisher_seconds(self, windows: int) -> float:
-        """How long :meth:`fisher` took for ``windows`` (0 before it ran)."""
-        return self._fisher.get(windows, (None, 0.0))[1]
 
 
 def load_lm_setup(config: ConfigDict) -> LMSetup:
@@ -134,8 +114,12 @@ def load_lm_setup(config: ConfigDict) -> LMSetup:
     if len(evals) < config.eval_windows:
         raise ValueError(f"the evaluation text holds {len(evals)} windows of {window} tokens, "
                          f"eval_windows asks for {config.eval_windows}")  # fmt: skip
-    return LMSetup(Llama(cfg), variables, calib, evals, config.eval_batch_size, model_file,
-                   Path(data_dir))  # fmt: skip
+    model = Llama(cfg)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    loss = lambda p, w: mean_nll(model, {**rest, "params": p}, w[None])  # noqa: E731
+    fisher = runs.FisherCache(loss, variables["params"], calib)
+    return LMSetup(model, variables, calib, evals, config.eval_batch_size, model_file,
+                   Path(data_dir), fisher)  # fmt: skip
 
 
 def lm_runs(q: ConfigDict) -> list[runs.Run]:
@@ -214,10 +198,7 @@ def quantize_lm_run(run: runs.Run, setup: LMSetup, q: ConfigDict, workdir: Path)
         record["size"] = {k: v for k, v in size.items() if k != "layers"}
         record["bits_per_weight"] = linear_bits_per_weight(size)
         if run.mixed:
-            record.update(mixed_fields(run, res, setup))
-        if run.fisher:
-            record["fisher_windows"] = q.fisher_windows
-            record["fisher_seconds"] = setup.fisher_seconds(q.fisher_windows)
+            record.update(mixed_fields(run, res, setup, q))
     except Exception as e:  # keep going; the failure is recorded in the results
         logging.exception("run %s failed", run.name)
         return runs.failed_record(run, e)

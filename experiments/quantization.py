@@ -6,7 +6,9 @@ saves it and writes, atomically after every run, ``results.json``, ``results.md`
 ``accuracy_vs_bits.png``, ``layer_errors.png`` and ``quantized/<run>/`` into ``workdir``. A
 failed run is recorded with its error and the others go on; the float checkpoint is only read.
 
-Mixed precision: each (bits per weight, group size) pair of ``quant.budgets`` adds one run per
+Mixed precision: each (bits per weight, group size) pair of ``quant.budgets`` (and of
+``quant.fisher_budgets``, whose widths minimise the diagonal Fisher's loss estimate over the
+first ``quant.fisher_samples`` calibration images: ``gpfq_int_b3.0fisher``) adds one run per
 method x grid after the uniform ones (``gpfq_int_b3.0``), whose layer widths
 ``gq.quantize_params(budget_bits=, budget_candidates=quant.budget_candidates)`` chooses under
 that average (codes, float32 steps and zero points). Its record holds ``budget``,
@@ -39,6 +41,7 @@ import gpfq_jax as gq
 from experiments import checkpoints, data, float_model, paths, plots, reports, runs, training
 from experiments.models import create_model
 from gpfq_jax.atomic import to_json, write_json_atomic, write_text_atomic
+from gpfq_jax.flax.driver import default_apply_kwargs
 
 TRAIN_KEYS = ("test_accuracy", "val_accuracy", "epochs", "seconds", "dataset_source")
 
@@ -53,6 +56,7 @@ class Setup:
     calib: np.ndarray
     preprocess: Callable[[np.ndarray], np.ndarray]
     eval_batch_size: int
+    fisher: runs.FisherCache  # of the cross-entropy of one calibration image and its label
 
     def evaluate(self, variables: Any, split: str) -> float | None:
         """Accuracy of ``variables`` on "val" or "test" (None for an empty split)."""
@@ -87,7 +91,8 @@ def quantize_experiment(
     done: dict[runs.Run, dict] = {}
     finished = finished_runs(workdir, results)
     grid = runs.run_grid(q.methods, q.grids, q.bits, q.get("extra_runs") or (),
-                         q.get("budgets") or (), q.get("budget_candidates"))  # fmt: skip
+                         q.get("budgets") or (), q.get("budget_candidates"),
+                         q.get("fisher_budgets") or ())  # fmt: skip
     results["runs"] = planned_records(finished, grid)
     for run in tqdm(grid, desc="runs", unit="run", dynamic_ncols=True):
         twin = runs.same_alphabet(run, done)
@@ -124,7 +129,7 @@ RESUME_KEYS = ("dataset", "dataset_source", "model", "float_checkpoint", "float"
                "c_selection", "setup")  # fmt: skip
 RUN_LIST_KEYS = ("methods", "bits", "grids", "extra_runs", "points", "budgets",
                  "budget_candidates", "split_points", "fisher_budgets",
-                 "fisher_windows")  # fmt: skip
+                 "fisher_samples")  # fmt: skip
 
 
 def setup_config(config: ConfigDict) -> dict[str, Any]:
@@ -136,9 +141,9 @@ def setup_config(config: ConfigDict) -> dict[str, Any]:
 
 def same_candidates(record: dict, q: ConfigDict) -> bool:
     """Whether a finished budget run chose from ``q.budget_candidates`` and, with the Fisher
-    objective, from a Fisher over ``q.fisher_windows`` windows (others: True)."""
+    objective, from a Fisher over ``q.fisher_samples`` samples (others: True)."""
     alloc = record.get("allocation")
-    if "fisher_windows" in record and record["fisher_windows"] != q.get("fisher_windows"):
+    if "fisher_samples" in record and record["fisher_samples"] != q.get("fisher_samples"):
         return False
     return alloc is None or alloc["candidates"] == sorted(q.budget_candidates)
 
@@ -189,14 +194,27 @@ def load_setup(config: ConfigDict, ckpt: Path) -> Setup:
     logging.info("%r", ds)
     preprocess = functools.partial(data.normalize, name=config.dataset)
     q = config.quant
-    return Setup(
-        model=create_model(config.model.name, **config.model.kwargs.to_dict()),
-        variables=checkpoints.load_float_variables(ckpt),
-        ds=ds,
-        calib=preprocess(runs.calibration_images(ds.x_train, q.calib_size, q.get("seed", 0))),
-        preprocess=preprocess,
-        eval_batch_size=config.eval_batch_size,
-    )
+    model = create_model(config.model.name, **config.model.kwargs.to_dict())
+    variables = checkpoints.load_float_variables(ckpt)
+    picked = runs.calibration_indices(len(ds.x_train), q.calib_size, q.get("seed", 0))
+    calib = preprocess(ds.x_train[picked])
+    return Setup(model, variables, ds, calib, preprocess, config.eval_batch_size,
+                 runs.FisherCache(image_loss(model, variables), variables["params"],
+                                  list(zip(calib, ds.y_train[picked]))))  # fmt: skip
+
+
+def image_loss(model: nn.Module, variables: Any) -> Callable[[Any, tuple], jax.Array]:
+    """``(params, (image, label)) -> cross-entropy`` of one image in inference mode (the
+    other variable collections, e.g. BatchNorm statistics, held at ``variables``')."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    kwargs = default_apply_kwargs(model)
+
+    def loss(params: Any, sample: tuple) -> jax.Array:
+        image, label = sample
+        logits = model.apply({**rest, "params": params}, image[None], **kwargs)[0]
+        return jax.nn.logsumexp(logits) - logits[label]
+
+    return loss
 
 
 def c_selection(q: ConfigDict) -> str:
@@ -286,7 +304,7 @@ def quantize_run(run: runs.Run, setup: Setup, q: ConfigDict, workdir: Path) -> d
         size = gq.size_report(res, setup.variables)
         record["bits_per_weight"] = runs.linear_bits_per_weight(size)
         if run.mixed:
-            record.update(runs.mixed_fields(run, res, setup))
+            record.update(runs.mixed_fields(run, res, setup, q))
         if q.get("save_quantized", True):
             record["checkpoint"] = paths.relative_path(save_run(workdir, run.name, res), workdir)
     except Exception as e:  # keep going; the failure is recorded in the results

@@ -54,9 +54,9 @@ class Run:
     each layer's width is chosen under that average (``quantize_params(budget_bits=)``;
     ``bits`` is only the spec's placeholder, the largest candidate); with ``first_bits`` (the
     LM experiment) the first half of the blocks is at ``first_bits`` and the rest (and the
-    layers outside the blocks) at ``bits``. ``fisher`` (a budget run of the LM experiment):
-    the widths minimise the loss increase the diagonal Fisher predicts
-    (``quantize_params(budget_fisher=)``) instead of the summed layer output errors.
+    layers outside the blocks) at ``bits``. ``fisher`` (a budget run): the widths minimise the
+    loss increase the diagonal Fisher predicts (``quantize_params(budget_fisher=)``) instead
+    of the summed layer output errors.
     """
 
     method: str
@@ -110,19 +110,21 @@ def run_grid(
     extra: Iterable[Sequence[Any]] = (),
     budgets: Iterable[Sequence[Any]] = (),
     budget_candidates: Iterable[int] | None = None,
+    fisher_budgets: Iterable[Sequence[Any]] = (),
 ) -> list[Run]:
     """methods x (grids x bits, then the ``extra`` (grid, bits) or (grid, bits, group_size)
     points), then every (bits per weight, group_size) of ``budgets`` x grids x methods (bits:
-    the largest of ``budget_candidates``, a placeholder), without duplicates. A method label
-    may end in "-act" (act-order)."""
+    the largest of ``budget_candidates``, a placeholder), then the same for ``fisher_budgets``
+    (the Fisher objective), without duplicates. A method label may end in "-act" (act-order)."""
     points = [(g, parse_bits(b), None) for g in grids for b in bits]
     points += [(e[0], parse_bits(e[1]), e[2] if len(e) > 2 else None) for e in extra]
     labels = [parse_method(m) for m in methods]
     runs = [Run(m, g, b, gs, act_order=act) for m, act in labels for g, b, gs in points]
     top = budget_placeholder_bits(budget_candidates)
     runs += [
-        Run(m, g, top, gs, act_order=act, budget=float(b))
-        for b, gs in budgets
+        Run(m, g, top, gs, act_order=act, budget=float(b), fisher=fisher)
+        for group, fisher in ((budgets, False), (fisher_budgets, True))
+        for b, gs in group
         for g in grids
         for m, act in labels
     ]
@@ -218,23 +220,30 @@ def split_rules(run: Run, n_layers: int) -> list[gq.Rule]:
 def mixed_kwargs(run: Run, setup: Any, q: Any) -> dict[str, Any]:
     """``quantize_params`` keywords of a mixed-precision run: a budget's ``budget_bits`` and
     ``budget_candidates`` (``q.budget_candidates``; with ``run.fisher``, ``budget_fisher``:
-    ``setup.fisher(q.fisher_windows)``), or split rules (the LM experiment's blocks
-    ``layers_<i>``; ``setup.model.config.n_layers`` of them); {} for a uniform run."""
+    ``setup.fisher(q.fisher_samples)``, a :class:`FisherCache`), or split rules (the LM
+    experiment's blocks ``layers_<i>``; ``setup.model.config.n_layers`` of them); {} for a
+    uniform run."""
     if run.budget is not None:
         out = {"budget_bits": run.budget, "budget_candidates": tuple(q.budget_candidates)}
         if run.fisher:
-            out["budget_fisher"] = setup.fisher(q.fisher_windows)
+            out["budget_fisher"] = setup.fisher(q.fisher_samples)
         return out
     if run.first_bits is not None:
         return {"rules": split_rules(run, setup.model.config.n_layers)}
     return {}
 
 
-def mixed_fields(run: Run, res: gq.QuantizeResult, setup: Any = None) -> dict[str, Any]:
-    """The record fields of a mixed-precision run: ``budget`` and ``allocation``, or
-    ``split`` [first bits, other bits] and ``first_blocks`` (``setup`` as for
-    :func:`mixed_kwargs`, split runs only); ``bits`` is "mixed"."""
+def mixed_fields(
+    run: Run, res: gq.QuantizeResult, setup: Any = None, q: Any = None
+) -> dict[str, Any]:
+    """The record fields of a mixed-precision run: ``budget`` and ``allocation`` (with the
+    Fisher objective also ``fisher_samples`` and ``fisher_seconds``), or ``split`` [first
+    bits, other bits] and ``first_blocks``; ``bits`` is "mixed". ``setup`` and ``q`` as for
+    :func:`mixed_kwargs` (needed by split and Fisher runs)."""
     out: dict[str, Any] = {"bits": "mixed"}
+    if run.fisher:
+        out["fisher_samples"] = q.fisher_samples
+        out["fisher_seconds"] = setup.fisher.seconds(q.fisher_samples)
     alloc = res.bit_allocation
     if alloc is not None:
         out["budget"] = run.budget
@@ -250,6 +259,33 @@ def mixed_fields(run: Run, res: gq.QuantizeResult, setup: Any = None) -> dict[st
         out["split"] = [run.first_bits, run.bits]
         out["first_blocks"] = setup.model.config.n_layers // 2
     return out
+
+
+class FisherCache:
+    """The diagonal Fisher of an experiment's loss w.r.t. its params (``gq.fisher_diagonal``),
+    one gradient per calibration sample over the first ``n`` samples; computed once per ``n``.
+
+    ``loss(params, sample)``: the loss of ONE sample (an LM window, an image with its label).
+    """
+
+    def __init__(self, loss: Callable[[Any, Any], Any], params: Any, samples: Sequence[Any]):
+        self.loss, self.params, self.samples = loss, params, samples
+        self._done: dict[int, tuple[Any, float]] = {}
+
+    def __call__(self, n: int) -> Any:
+        """The Fisher over the first ``n`` samples, shaped like the params."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.samples):
+            raise ValueError(f"fisher_samples must be an int in 1..{len(self.samples)} (the "
+                             f"calibration samples), got {n!r}")  # fmt: skip
+        if n not in self._done:
+            t0 = time.perf_counter()
+            fisher = gq.fisher_diagonal(self.loss, self.params, self.samples[:n])
+            self._done[n] = (fisher, time.perf_counter() - t0)
+        return self._done[n][0]
+
+    def seconds(self, n: int) -> float:
+        """How long the Fisher over ``n`` samples took (0.0 if not computed)."""
+        return self._done.get(n, (None, 0.0))[1]
 
 
 def failed_record(run: Run, error: Exception) -> dict[str, Any]:
@@ -393,6 +429,7 @@ __all__ = [
     "is_mixed",
     "linear_bits_per_weight",
     "make_spec",
+    "FisherCache",
     "mixed_fields",
     "mixed_kwargs",
     "parse_bits",

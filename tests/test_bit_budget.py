@@ -333,6 +333,12 @@ def test_fisher_bad_input_names_the_layer(mlp_fisher):
             alloc({**fisher, "Dense_1": {**fisher["Dense_1"], "kernel": bad}})
     with pytest.raises(ValueError, match="nested mapping"):
         alloc([1.0])
+    with pytest.raises(ValueError, match="fold_batchnorm=True"):
+        gq.allocate_bits(model, variables, x, budget_bits=3.3, budget_fisher=fisher,
+                         fold_batchnorm=True, **_kw())  # fmt: skip
+    with pytest.raises(ValueError, match="fold_batchnorm=True"):
+        gq.quantize_params(model, variables, x, budget_bits=3.3, budget_fisher=fisher,
+                           fold_batchnorm=True, **_kw())  # fmt: skip
     with pytest.raises(ValueError, match="needs budget_bits"):
         gq.quantize_params(model, variables, x, budget_fisher=fisher, progress=False)
     skipped = gq.allocate_bits(model, variables, x, rules=[gq.Rule("Dense_1", skip=True)],

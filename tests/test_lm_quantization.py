@@ -185,7 +185,7 @@ def test_mixed_run_names_and_the_setup_without_run_lists():
     old = c.to_dict()
     old["quant"] = {k: v for k, v in old["quant"].items()
                     if k not in ("methods", "points", "grids", "budgets", "budget_candidates",
-                                 "split_points", "fisher_budgets", "fisher_windows")}  # fmt: skip
+                                 "split_points", "fisher_budgets", "fisher_samples")}  # fmt: skip
     assert quantization.setup_config(c) == old
 
 
@@ -195,14 +195,14 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     shutil.copytree(source, workdir)
     # results.json as the code before the budget runs wrote it (no new keys in its setup).
     saved = json.loads((workdir / "results.json").read_text())
-    for key in ("budgets", "budget_candidates", "split_points", "fisher_budgets", "fisher_windows"):
+    for key in ("budgets", "budget_candidates", "split_points", "fisher_budgets", "fisher_samples"):
         saved["setup"]["quant"].pop(key, None)
         saved["config"]["quant"].pop(key, None)
     (workdir / "results.json").write_text(json.dumps(saved))
     config = _config(files, ("gpfq",), grids=("asym",))
     q = config.quant
     q.budgets, q.budget_candidates, q.split_points = ((5.0, 16),), (3, 2), ((3, 2, 16),)
-    q.fisher_budgets, q.fisher_windows = ((5.0, 16),), 2
+    q.fisher_budgets, q.fisher_samples = ((5.0, 16),), 2
     res = lm_quantization.lm_experiment(config, workdir)
     by_name = {r["name"]: r for r in res["runs"]}
     # the listed runs come last; the earlier runs not listed now are kept before them
@@ -220,7 +220,7 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     assert all(a["params"] > 0 for a in alloc["layers"]) and alloc["objective"] == "output"
     fisher = by_name["gpfq_asym_b5.0fisher_g16"]
     check_budget_record(fisher, 5.0, [2, 3])
-    assert fisher["allocation"]["objective"] == "fisher" and fisher["fisher_windows"] == 2
+    assert fisher["allocation"]["objective"] == "fisher" and fisher["fisher_samples"] == 2
     assert fisher["fisher_seconds"] > 0
     # the Fisher objective's errors are loss estimates, not the output errors of the other run
     assert fisher["allocation"]["layers"][0]["errors"] != alloc["layers"][0]["errors"]
@@ -241,7 +241,7 @@ def test_budget_and_split_runs_resume_an_old_workdir(experiment, files, tmp_path
     assert quantization.same_candidates(budget, q)
     assert quantization.same_candidates(by_name["gpfq_asym_3first2_g16"], q)
     assert quantization.same_candidates(fisher, q)
-    q.fisher_windows = 3
+    q.fisher_samples = 3
     assert not quantization.same_candidates(fisher, q) and quantization.same_candidates(budget, q)
     q.budget_candidates = (3, 2, 4)
     assert not quantization.same_candidates(budget, q)

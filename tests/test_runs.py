@@ -3,6 +3,7 @@ bits-per-weight budget runs end to end (generated MNIST-shaped data, a small MLP
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import types
@@ -174,6 +175,36 @@ def test_budget_run_records_resume_and_an_infeasible_budget(budget_config, tmp_p
     saved = json.loads((workdir / "results.json").read_text())["runs"]
     assert saved[2]["allocation"] == first[2]["allocation"] and saved[2]["resumed"]
     assert saved[2]["layers"] == first[2]["layers"]
+
+
+def test_fisher_budget_run_records_its_objective_and_samples(budget_config, tmp_path):
+    """A Fisher budget run: its allocation's objective, the Fisher's sample count and time
+    recorded; the Fisher is the mean squared cross-entropy gradient of one calibration image
+    with its training label at a time (hand-computed with jax.grad)."""
+    config = copy.deepcopy(budget_config)
+    q = config.quant
+    q.budgets, q.fisher_budgets, q.fisher_samples = (), ((3.0, None),), 16
+    res = quantization.quantize_experiment(config, tmp_path / "workdir")
+    rec = {r["name"]: r for r in res["runs"]}["gpfq_int_b3.0fisher"]
+    check_budget_record(rec, 3.0, [2, 3, 4, 8])
+    assert rec["allocation"]["objective"] == "fisher" and rec["fisher_samples"] == 16
+    assert rec["fisher_seconds"] > 0
+    setup = quantization.load_setup(config, Path(config.float_checkpoint))
+    picked = runs.calibration_indices(len(setup.ds.x_train), q.calib_size, q.seed)[:16]
+
+    def ce(params, image, label):
+        logits = setup.model.apply({"params": params}, image[None])[0]
+        return -jax.nn.log_softmax(logits)[label]
+
+    grads = [jax.grad(ce)(setup.variables["params"], im, lab)
+             for im, lab in zip(setup.calib[:16], setup.ds.y_train[picked])]  # fmt: skip
+    want = jax.tree.map(lambda *g: np.mean(np.square(g), axis=0), *grads)
+    got = setup.fisher(16)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-12)
+    for bad in (0, 129, 2.0, True):
+        with pytest.raises(ValueError, match="fisher_samples must be an int in 1..128"):
+            setup.fisher(bad)
 
 
 def test_budget_points_in_the_accuracy_plot_and_tables(tmp_path):

@@ -172,6 +172,18 @@ def check_budget(budget_bits: Any, candidates: Any, rules: Sequence[Any] | None)
     return float(budget_bits), tuple(sorted(int(b) for b in candidates))
 
 
+def check_fisher(fisher: Any, fold_batchnorm: bool) -> None:
+    """``budget_fisher`` is read per kernel as given: refuse it where the quantized kernels are
+    not the model's own (BatchNorm folded into them changes their scale, and the Fisher of the
+    unfolded kernels would weigh the folded ones wrongly)."""
+    if fisher is not None and fold_batchnorm:
+        raise ValueError(
+            "budget_fisher holds the Fisher of the model's own kernels; with "
+            "fold_batchnorm=True the quantized kernels are the folded ones, so the two "
+            "cannot be combined (fold the model first, then take its Fisher)"
+        )
+
+
 def _candidate_specs(layers: list[LayerInfo], plans: list[LayerPlan], candidates: tuple,
                      budget: float) -> dict[int, list[QuantSpec]]:  # fmt: skip
     """Quantized layer index -> its spec at every candidate (ValueError naming the layer when
@@ -381,6 +393,7 @@ def allocate_bits(
     driver._check_stats_dtype(stats_dtype)
     driver._check_run_layout(blocks, cache_bytes, None)
     budget, candidates = check_budget(budget_bits, budget_candidates, rules)
+    check_fisher(budget_fisher, fold_batchnorm)
     batches = Calibration(calib, batch_size)
     if apply_kwargs is None:
         apply_kwargs = driver.default_apply_kwargs(model)
@@ -410,6 +423,7 @@ __all__ = [
     "LayerAllocation",
     "allocate_for_plans",
     "check_budget",
+    "check_fisher",
     "layer_fisher",
     "result_bits",
     "solve_allocation",

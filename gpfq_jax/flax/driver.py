@@ -29,7 +29,12 @@ from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.numerics import check_fraction
 from gpfq_jax.core.sharding import resolve_mesh
 from gpfq_jax.flax.activation_cache import ActivationCache
-from gpfq_jax.flax.bit_allocation import DEFAULT_CANDIDATES, allocate_for_plans, check_budget
+from gpfq_jax.flax.bit_allocation import (
+    DEFAULT_CANDIDATES,
+    allocate_for_plans,
+    check_budget,
+    check_fisher,
+)
 from gpfq_jax.flax.blocks import find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
 from gpfq_jax.flax.calibration import Calibration
@@ -154,6 +159,7 @@ def quantize_params(
     _check_run_layout(blocks, cache_bytes, resume_dir)
     if budget_bits is not None:
         budget = check_budget(budget_bits, budget_candidates, rules)
+        check_fisher(budget_fisher, fold_batchnorm)
     elif budget_fisher is not None:
         raise ValueError("budget_fisher weighs the bit allocation's errors; it needs budget_bits")
     mesh = resolve_mesh(mesh)
