@@ -120,9 +120,11 @@ def layer_widths(run: dict) -> dict[int, int]:
 
 
 def mixed_label(run: dict) -> str:
-    """ "budget 3.0" or "3 then 2 bits" (first half of the blocks, then the rest)."""
+    """ "budget 3.0", "budget 3.0, Fisher" (widths chosen by the Fisher objective) or "3 then
+    2 bits" (first half of the blocks, then the rest)."""
     if run.get("budget") is not None:
-        return f"budget {run['budget']}"
+        fisher = (run.get("allocation") or {}).get("objective") == "fisher"
+        return f"budget {run['budget']}" + (", Fisher" if fisher else "")
     first, rest = run["split"]
     return f"{first} then {rest} bits"
 

@@ -189,6 +189,8 @@ def test_fisher_budget_run_records_its_objective_and_samples(budget_config, tmp_
     check_budget_record(rec, 3.0, [2, 3, 4, 8])
     assert rec["allocation"]["objective"] == "fisher" and rec["fisher_samples"] == 16
     assert rec["fisher_seconds"] > 0
+    text = (tmp_path / "workdir" / "results.md").read_text()
+    assert "| gpfq_int_b3.0fisher | budget 3.0, Fisher |" in text
     setup = quantization.load_setup(config, Path(config.float_checkpoint))
     picked = runs.calibration_indices(len(setup.ds.x_train), q.calib_size, q.seed)[:16]
 
