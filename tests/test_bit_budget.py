@@ -344,3 +344,20 @@ def test_fisher_bad_input_names_the_layer(mlp_fisher):
     skipped = gq.allocate_bits(model, variables, x, rules=[gq.Rule("Dense_1", skip=True)],
                                budget_bits=3.3, budget_fisher=missing, **_kw())  # fmt: skip
     assert [a.name for a in skipped.layers] == ["Dense_0", "Dense_2"]
+
+
+def test_nnx_fisher_is_read_from_the_models_pure_dict():
+    """NNX: the Fisher shaped like ``nnx.to_pure_dict(nnx.state(model))`` is found at every
+    layer's kernel (DenseGeneral / Einsum kernels of any rank); with F = 1 each candidate's
+    error is 1/2 ||Q - W||^2, which falls as the width grows."""
+    import _transformers as T
+    from flax import nnx
+
+    model = T.NnxStack(2, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, T.SEQ, T.IN))
+    ones = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    alloc = gq.allocate_bits(model, None, x, budget_bits=8.0, budget_candidates=(2, 8),
+                             budget_fisher=ones, **_kw(batch_size=4))  # fmt: skip
+    assert alloc.objective == "fisher" and [a.name for a in alloc.layers] == T.nnx_layer_names(2)
+    for a in alloc.layers:
+        assert a.errors[0] > a.errors[1] > 0, a.name
