@@ -38,7 +38,7 @@ def test_quantize_run_passes_act_order_and_records_the_label(tmp_path, monkeypat
     variables = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
     y = np.asarray(model.apply(variables, x)).argmax(-1)
     ds = types.SimpleNamespace(x_val=x, y_val=y, x_test=x, y_test=y)
-    setup = quantization.Setup(model, variables, ds, x, lambda a: a, 16)
+    setup = quantization.Setup(model, variables, ds, x, lambda a: a, 16, fisher=None)
     q = ConfigDict({"calib_batch_size": 16, "scale": "max", "save_quantized": False})
     calls = spy_quantize_params(monkeypatch)
     for run in runs.run_grid(("qronos", "qronos-act"), ("int",), (4,)):

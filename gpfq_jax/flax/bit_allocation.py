@@ -42,8 +42,8 @@ from gpfq_jax.core.stats import LayerStats
 from gpfq_jax.flax.activation_cache import ActivationCache
 from gpfq_jax.flax.blocks import Block, find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
+from gpfq_jax.flax.budget_fisher import check_fisher, layer_fisher
 from gpfq_jax.flax.calibration import Calibration
-from gpfq_jax.flax.paths import get_in
 from gpfq_jax.flax.rules import LayerPlan, Rule, as_rule, plan_layers
 from gpfq_jax.flax.schedule import LayerWalk, RunOptions
 from gpfq_jax.flax.sizes import layer_storage_bytes
@@ -172,18 +172,6 @@ def check_budget(budget_bits: Any, candidates: Any, rules: Sequence[Any] | None)
     return float(budget_bits), tuple(sorted(int(b) for b in candidates))
 
 
-def check_fisher(fisher: Any, fold_batchnorm: bool) -> None:
-    """``budget_fisher`` is read per kernel as given: refuse it where the quantized kernels are
-    not the model's own (BatchNorm folded into them changes their scale, and the Fisher of the
-    unfolded kernels would weigh the folded ones wrongly)."""
-    if fisher is not None and fold_batchnorm:
-        raise ValueError(
-            "budget_fisher holds the Fisher of the model's own kernels; with "
-            "fold_batchnorm=True the quantized kernels are the folded ones, so the two "
-            "cannot be combined (fold the model first, then take its Fisher)"
-        )
-
-
 def _candidate_specs(layers: list[LayerInfo], plans: list[LayerPlan], candidates: tuple,
                      budget: float) -> dict[int, list[QuantSpec]]:  # fmt: skip
     """Quantized layer index -> its spec at every candidate (ValueError naming the layer when
@@ -213,35 +201,6 @@ def _candidate_specs(layers: list[LayerInfo], plans: list[LayerPlan], candidates
                          f"alone take {code_bits / weights:.4f} bits per weight (steps and zero "
                          "points come on top)")  # fmt: skip
     return specs
-
-
-def layer_fisher(
-    fisher: Any, layers: list[LayerInfo], plans: list[LayerPlan]
-) -> dict[int, np.ndarray]:
-    """Quantized layer index -> its kernel's Fisher diagonal, read from ``fisher`` at the
-    kernel's own place (Linen: shaped like ``variables["params"]``; NNX: like
-    ``nnx.to_pure_dict(nnx.state(model))``). ValueError naming the layer when it is missing,
-    of another shape, negative or not finite."""
-    if not isinstance(fisher, Mapping):
-        raise ValueError("budget_fisher must be a nested mapping shaped like the model's params "
-                         f"(e.g. from fisher_diagonal), got {type(fisher).__name__}")  # fmt: skip
-    out = {}
-    for i, (layer, plan) in enumerate(zip(layers, plans)):
-        if plan.skip:
-            continue
-        where = "/".join(str(k) for k in (*layer.path, layer.param))
-        leaf = get_in(fisher, (*layer.path, layer.param))
-        if leaf is None:
-            raise ValueError(f"layer {layer.name!r}: budget_fisher has no entry at {where!r}")
-        f = np.asarray(leaf, np.float64)
-        if f.shape != tuple(layer.kernel_shape):
-            raise ValueError(f"layer {layer.name!r}: budget_fisher[{where!r}] has shape {f.shape}, "
-                             f"the kernel {tuple(layer.kernel_shape)}")  # fmt: skip
-        if not np.all(np.isfinite(f)) or (f < 0).any():
-            raise ValueError(f"layer {layer.name!r}: budget_fisher[{where!r}] must be finite "
-                             "and >= 0 (a mean of squared gradients)")  # fmt: skip
-        out[i] = f
-    return out
 
 
 def result_bits(r: LayerResult, params: int) -> int:
@@ -423,8 +382,6 @@ __all__ = [
     "LayerAllocation",
     "allocate_for_plans",
     "check_budget",
-    "check_fisher",
-    "layer_fisher",
     "result_bits",
     "solve_allocation",
 ]

@@ -29,14 +29,10 @@ from gpfq_jax.core.alphabets import QuantSpec
 from gpfq_jax.core.numerics import check_fraction
 from gpfq_jax.core.sharding import resolve_mesh
 from gpfq_jax.flax.activation_cache import ActivationCache
-from gpfq_jax.flax.bit_allocation import (
-    DEFAULT_CANDIDATES,
-    allocate_for_plans,
-    check_budget,
-    check_fisher,
-)
+from gpfq_jax.flax.bit_allocation import DEFAULT_CANDIDATES, allocate_for_plans, check_budget
 from gpfq_jax.flax.blocks import find_blocks
 from gpfq_jax.flax.bn_fold import fold_batchnorms
+from gpfq_jax.flax.budget_fisher import check_fisher
 from gpfq_jax.flax.calibration import Calibration
 from gpfq_jax.flax.results import QuantizeResult
 from gpfq_jax.flax.resume import ResumeStore, run_fingerprint
