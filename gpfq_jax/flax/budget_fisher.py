@@ -48,7 +48,7 @@ def layer_fisher(
         leaf = get_in(fisher, (*layer.path, layer.param))
         if leaf is None:
             raise ValueError(f"layer {layer.name!r}: budget_fisher has no entry at {where!r}")
-        f = np.asarray(leaf, np.float64)
+        f = np.asarray(leaf)  # its own dtype: fisher_error works in float64 one layer at a time
         if f.shape != tuple(layer.kernel_shape):
             raise ValueError(f"layer {layer.name!r}: budget_fisher[{where!r}] has shape {f.shape}, "
                              f"the kernel {tuple(layer.kernel_shape)}")  # fmt: skip
